@@ -1,0 +1,162 @@
+"""The IGL-DT losses, each a pure function of tensors.
+
+Notation used in every docstring:
+    B batch, K classes, H x W pixels.
+    logits  (B, K, H, W)  raw network outputs (any dtype; everything below is computed in fp32)
+    probs   (B, K, H, W)  a teacher's softmax, already detached (teachers are EMA copies, no gradient)
+    ignore  (B, H, W)     bool, True for pixels that carry no information (crop padding, label 255)
+    p = softmax(logits), the student's class probabilities.
+
+The student objective assembled in train.py is
+    L = L_l + lambda_u * (L_pl + lambda_dis * L_dis + lambda_glo * L_glo + lambda_loc * L_loc)
+and the teachers' objective (both stages) is
+    L_T = sup(G) + sup(L) + lambda_cps * L_cps.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=100_000):
+    """Supervised cross-entropy, L_l = CE(logits, y), pixels labelled 255 ignored.
+
+    logits (B, K, H, W), target (B, H, W) long. With `ohem_threshold` (Cityscapes: 0.7) only the hard pixels
+    are kept: those whose true-class probability is below the threshold, and at least `ohem_min_kept` of the
+    hardest ones, as in the OHEM loss of the Cityscapes recipes of CPS and UniMatch.
+    """
+    logits = logits.float()
+    if ohem_threshold is None:
+        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    pixel_loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+    valid = target.flatten() != IGNORE_INDEX
+    pixel_loss = pixel_loss[valid]
+    if pixel_loss.numel() == 0:
+        return logits.sum() * 0.0
+    hard = pixel_loss > -torch.log(torch.tensor(ohem_threshold, device=logits.device))
+    if hard.sum() < min(ohem_min_kept, pixel_loss.numel()):
+        # Too few pixels pass the threshold: keep the hardest `ohem_min_kept` instead.
+        return pixel_loss.topk(min(ohem_min_kept, pixel_loss.numel())).values.mean()
+    return pixel_loss[hard].mean()
+
+
+def _hard_labels(probs_or_logits, ignore):
+    """argmax over classes, with ignored pixels set to 255 so CE skips them. (B, K, H, W) -> (B, H, W)."""
+    labels = probs_or_logits.detach().argmax(dim=1)
+    return labels.masked_fill(ignore, IGNORE_INDEX)
+
+
+def cps_loss(logits_a, logits_b, ignore):
+    """Cross Pseudo Supervision (Chen et al. 2021): each network learns the other's hard pseudo-labels.
+
+        L_cps = CE(logits_a, argmax logits_b) + CE(logits_b, argmax logits_a)
+
+    logits_a, logits_b (B, K, H, W) from two networks on the same image; pseudo-labels are detached, so each
+    term sends gradient into one network only. Returns a scalar; symmetric in (a, b).
+    """
+    labels_from_b = _hard_labels(logits_b, ignore)
+    labels_from_a = _hard_labels(logits_a, ignore)
+    if (~ignore).sum() == 0:
+        return (logits_a.float().sum() + logits_b.float().sum()) * 0.0
+    return (F.cross_entropy(logits_a.float(), labels_from_b, ignore_index=IGNORE_INDEX)
+            + F.cross_entropy(logits_b.float(), labels_from_a, ignore_index=IGNORE_INDEX))
+
+
+def _masked_average(probs, valid):
+    """Average of probs over the valid pixels of each image. probs (B, K, H, W), valid (B, 1, H, W) -> (B, K)."""
+    return (probs * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3)).clamp(min=1.0)
+
+
+def global_context_loss(logits_s, probs_g, ignore):
+    """Global Context Learning (GCL): match the student's image-level class distribution to the Swin teacher's.
+
+        K_S = GAP(p_S),  K_G = GAP(p_G)                  (B, K), averaged over the valid pixels only
+        L_glo = (1 / N) * sum_i |K_S,i - K_G,i|           N = number of classes, then the mean over the batch
+
+    logits_s (B, K, H, W) student, probs_g (B, K, H, W) Swin-UNet teacher (detached), ignore (B, H, W).
+    Zero exactly when, image by image, both predict the same share of every class.
+    """
+    valid = (~ignore).unsqueeze(1).float()
+    k_student = _masked_average(logits_s.float().softmax(dim=1), valid)
+    k_swin = _masked_average(probs_g.detach().float(), valid)
+    return (k_student - k_swin).abs().mean()
+
+
+def local_regional_loss(logits_s, probs_l, ignore, region=32):
+    """Local Regional Learning (LRL): GCL on every `region` x `region` cell, taught by the ResUNet teacher.
+
+        R_S[r] = mean of p_S over the valid pixels of region r,  R_L[r] likewise for p_L     (B, K, h, w)
+        L_loc  = mean over images, regions and classes of |R_S - R_L|
+
+    The image is tiled from the top-left corner; border cells are smaller when H or W is not a multiple of
+    `region`. Regions without a single valid pixel (all padding) are left out of the mean.
+    logits_s (B, K, H, W), probs_l (B, K, H, W) detached, ignore (B, H, W) -> scalar.
+    """
+    valid = (~ignore).unsqueeze(1).float()
+    # Sum-pool with ceil_mode so border cells count; dividing two sums gives the masked mean per region.
+    pool = lambda t: F.avg_pool2d(t, region, stride=region, ceil_mode=True) * region * region
+    valid_count = pool(valid)
+    r_student = pool(logits_s.float().softmax(dim=1) * valid) / valid_count.clamp(min=1.0)
+    r_res = pool(probs_l.detach().float() * valid) / valid_count.clamp(min=1.0)
+    regions_used = (valid_count > 0).float()
+    num_terms = regions_used.sum() * logits_s.shape[1]
+    return ((r_student - r_res).abs() * regions_used).sum() / num_terms.clamp(min=1.0)
+
+
+def dual_teacher_targets(probs_g, probs_l, ignore, threshold):
+    """Per-pixel targets from two teachers, the rule shared by `pseudo_label_loss` and `discrepancy_loss`.
+
+    Where the teachers agree (same argmax): target = argmax((p_G + p_L) / 2), kept where that mean confidence
+    is >= threshold. Where they disagree: target = argmax of the teacher that is more confident at that pixel,
+    weighted by that teacher's confidence (no threshold: the weight already scales an unsure target down,
+    and a 0.95 threshold would remove nearly every disputed pixel).
+
+    probs_g, probs_l (B, K, H, W), ignore (B, H, W). Returns
+        agreed_target    (B, H, W) long, 255 outside the kept agreed pixels
+        disputed_target  (B, H, W) long, 255 outside the disputed pixels
+        disputed_weight  (B, H, W) fp32, the chosen teacher's confidence (0 elsewhere)
+    """
+    probs_g, probs_l = probs_g.detach().float(), probs_l.detach().float()
+    conf_g, label_g = probs_g.max(dim=1)
+    conf_l, label_l = probs_l.max(dim=1)
+    agree = (label_g == label_l) & ~ignore
+    disagree = (label_g != label_l) & ~ignore
+
+    conf_mean, label_mean = ((probs_g + probs_l) / 2).max(dim=1)
+    agreed_target = label_mean.masked_fill(~(agree & (conf_mean >= threshold)), IGNORE_INDEX)
+
+    swin_is_surer = conf_g >= conf_l
+    disputed_target = torch.where(swin_is_surer, label_g, label_l).masked_fill(~disagree, IGNORE_INDEX)
+    disputed_weight = torch.where(swin_is_surer, conf_g, conf_l) * disagree
+    return agreed_target, disputed_target, disputed_weight
+
+
+def _mean_over_valid(pixel_loss, ignore):
+    """Sum of a per-pixel loss divided by the number of valid pixels (UniMatch's normalisation: a batch
+    where few pixels pass the threshold contributes a proportionally smaller loss)."""
+    return pixel_loss.sum() / (~ignore).sum().clamp(min=1)
+
+
+def pseudo_label_loss(logits_s, probs_g, probs_l, ignore, threshold):
+    """L_pl: cross-entropy to the teachers' agreed, confident pseudo-label (see `dual_teacher_targets`).
+
+        L_pl = (1 / |valid|) * sum_{agree, conf >= t} CE(p_S, argmax (p_G + p_L) / 2)
+
+    logits_s (B, K, H, W) on the strong view; probs_g, probs_l (B, K, H, W) on the weak view (mixed alike).
+    """
+    target, _, _ = dual_teacher_targets(probs_g, probs_l, ignore, threshold)
+    pixel_loss = F.cross_entropy(logits_s.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    return _mean_over_valid(pixel_loss, ignore)
+
+
+def discrepancy_loss(logits_s, probs_g, probs_l, ignore):
+    """Discrepancy Learning (DL): where the teachers disagree, follow the one that is surer at that pixel.
+
+        L_dis = (1 / |valid|) * sum_{disagree} c * CE(p_S, y),
+        y = argmax p_T, c = max p_T, T = argmax over {G, L} of the teacher's confidence at the pixel
+
+    so the student relies on neither teacher by rule. Shapes as in `pseudo_label_loss`.
+    """
+    _, target, weight = dual_teacher_targets(probs_g, probs_l, ignore, threshold=0.0)
+    pixel_loss = F.cross_entropy(logits_s.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    return _mean_over_valid(weight * pixel_loss, ignore)

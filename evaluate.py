@@ -1,0 +1,241 @@
+"""Evaluation: confusion matrix, per-class IoU and mIoU; full-image and sliding-window inference; a CLI.
+
+    python evaluate.py --checkpoint runs/voc_1_16/best.pt --data-root data/VOC2012
+    python evaluate.py --checkpoint best.pt --images my_photos/ --save-vis predictions/
+
+A checkpoint carries its training config, so no model flags are needed. Under torch.distributed, each rank
+evaluates the images rank, rank + world, ... (each exactly once, no padded duplicates) and the confusion
+matrices are summed, so the mIoU equals the one-process mIoU.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from models import build_model
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def confusion_matrix(pred, target, num_classes, ignore_index=data.IGNORE_INDEX):
+    """cm[t, p] = number of pixels of true class t predicted as p. pred, target: same shape, long; -> (K, K)."""
+    keep = target != ignore_index
+    index = target[keep] * num_classes + pred[keep]
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_per_class(cm):
+    """IoU_c = TP / (TP + FP + FN) from a (K, K) confusion matrix, in percent.
+
+    A class absent from both the ground truth and the prediction has 0 / 0: its IoU is undefined, returned as
+    NaN, and left out of the mean (it is neither a perfect 100 nor a failing 0). A class that is predicted but
+    never present has IoU 0 and does count. Returns (iou (K,) float64 with NaN, miou float).
+    """
+    cm = cm.double()
+    true_positive = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - true_positive
+    iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan"))) * 100
+    return iou, float(iou.nanmean()) if (union > 0).any() else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------- inference
+def _window_starts(size, window, stride):
+    """Top-left offsets so that windows of `window` pixels, `stride` apart, cover [0, size); the last is flush."""
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
+
+
+def sliding_window(model, image, num_classes, window, stride):
+    """Average the class probabilities of overlapping `window` x `window` crops. image (1, 3, H, W) -> (1, K, H, W).
+
+    A window larger than the image shrinks to the image, so a window that covers the image is exactly
+    full-image inference.
+    """
+    _, _, height, width = image.shape
+    win_h, win_w = min(window, height), min(window, width)
+    probs = image.new_zeros(1, num_classes, height, width, dtype=torch.float32)
+    count = image.new_zeros(1, 1, height, width, dtype=torch.float32)
+    for top in _window_starts(height, win_h, stride):
+        for left in _window_starts(width, win_w, stride):
+            crop = image[..., top:top + win_h, left:left + win_w]
+            probs[..., top:top + win_h, left:left + win_w] += model(crop).float().softmax(dim=1)
+            count[..., top:top + win_h, left:left + win_w] += 1
+    return probs / count
+
+
+@torch.no_grad()
+def predict(model, image, num_classes, mode="full", window=801, stride=534, flip=False, scales=(1.0,)):
+    """Class probabilities (1, K, H, W) for image (1, 3, H, W), averaged over scales and horizontal flips."""
+    height, width = image.shape[-2:]
+    total, views = 0.0, 0
+    for scale in scales:
+        scaled = image if scale == 1 else F.interpolate(image, scale_factor=scale, mode="bilinear",
+                                                        align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            view = scaled.flip(-1) if flipped else scaled
+            if mode == "sliding":
+                probs = sliding_window(model, view, num_classes, window, stride)
+            else:
+                probs = model(view).float().softmax(dim=1)
+            probs = probs.flip(-1) if flipped else probs
+            if probs.shape[-2:] != (height, width):
+                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+            total, views = total + probs, views + 1
+    return total / views
+
+
+@torch.no_grad()
+def evaluate(model, dataset, num_classes, device="cpu", mode="full", window=801, stride=534, flip=False,
+             scales=(1.0,), amp_dtype=None, num_workers=0):
+    """mIoU of `model` on `dataset` (items: image (3, H, W), mask (H, W)), one image at a time at full size.
+
+    Distributed: each rank takes images rank, rank + world, ...; the confusion matrices are all-reduced.
+    Returns {"miou": float, "iou": [K floats, NaN for absent classes], "confusion": (K, K) tensor}.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1,
+                                         num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    device_type = torch.device(device).type
+    for image, mask in loader:
+        image, mask = image.to(device), mask.to(device)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            probs = predict(model, image, num_classes, mode, window, stride, flip, scales)
+        cm += confusion_matrix(probs.argmax(dim=1), mask, num_classes)
+    if world > 1:
+        dist.all_reduce(cm)
+    model.train(was_training)
+    iou, miou = iou_per_class(cm.cpu())
+    return {"miou": miou, "iou": iou.tolist(), "confusion": cm.cpu()}
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+def denormalize(image):
+    """Normalised (3, H, W) tensor -> PIL image, for showing inputs beside predictions."""
+    mean = torch.tensor(data.MEAN).view(3, 1, 1)
+    std = torch.tensor(data.STD).view(3, 1, 1)
+    pixels = ((image.cpu().float() * std + mean).clamp(0, 1) * 255).round().byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def save_panel(path, rows, gap=4):
+    """Tile rows of equally sized PIL images (e.g. image | ground truth | G | L | S) into one PNG."""
+    width, height = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    panel = Image.new("RGB", (columns * (width + gap) - gap, len(rows) * (height + gap) - gap), "white")
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            panel.paste(picture, (c * (width + gap), r * (height + gap)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    panel.save(path)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def build_student(config, pretrained=False):
+    """The DeepLabV3+ student described by a training config (a plain dict, as stored in checkpoints)."""
+    return build_model("deeplabv3plus", config["num_classes"], backbone=config["backbone"],
+                       output_stride=config["output_stride"], pretrained=pretrained)
+
+
+def load_student(path, device="cpu"):
+    """(student in eval mode, config) from a `best.pt` / `latest.pt` written by train.py."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"--checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say so in one line
+        raise data.DataError(f"--checkpoint {path}: not a checkpoint written by train.py ({error.__class__.__name__})")
+    if "config" not in checkpoint or not ({"student", "model"} & checkpoint.keys()):
+        raise data.DataError(f"--checkpoint {path}: holds no student (expected best.pt or latest.pt of train.py)")
+    config = checkpoint["config"]
+    student = build_student(config)
+    student.load_state_dict(checkpoint["student"] if "student" in checkpoint else checkpoint["model"])
+    return student.to(device).eval(), config
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a trained IGL-DT student, or segment a folder of images.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="best.pt or latest.pt written by train.py")
+    parser.add_argument("--dataset", default=None, help="dataset to evaluate on (default: the checkpoint's)")
+    parser.add_argument("--data-root", default=None, help="dataset directory (default: the checkpoint's)")
+    parser.add_argument("--mode", choices=["full", "sliding"], default=None,
+                        help="whole-image or sliding-window inference (default: the checkpoint's)")
+    parser.add_argument("--window", type=int, default=None, help="sliding window size (default: the checkpoint's)")
+    parser.add_argument("--stride", type=int, default=None, help="sliding stride (default: 2/3 of the window)")
+    parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
+    parser.add_argument("--save-vis", default=None, help="write image | ground truth | prediction PNGs here")
+    parser.add_argument("--images", default=None, help="segment every image in this folder (no masks needed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    return parser.parse_args(argv)
+
+
+def segment_folder(student, config, folder, out_dir, device, **inference):
+    """Save a coloured prediction for every image in `folder` (the way to apply a student to new pictures)."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if Path(folder).is_dir() else []
+    if not paths:
+        raise data.DataError(f"--images {folder}: expected a folder holding images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    palette = [tuple(colour) for colour in config["palette"]]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        image = data.normalize(data.load_image(path))[None].to(device)
+        prediction = predict(student, image, config["num_classes"], **inference).argmax(dim=1)[0]
+        data.colorize(prediction.cpu(), palette).save(Path(out_dir) / f"{path.stem}.png")
+    print(f"wrote {len(paths)} predictions to {out_dir}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    student, config = load_student(args.checkpoint, args.device)
+    mode = args.mode or config.get("eval_mode", "full")
+    window = args.window or config.get("eval_window", 801)
+    inference = dict(mode=mode, window=window, stride=args.stride or max(1, window * 2 // 3),
+                     flip=args.flip, scales=tuple(args.scales))
+    if args.images:
+        segment_folder(student, config, args.images, args.save_vis or "predictions", args.device, **inference)
+        return
+    dataset = args.dataset or config["dataset"]
+    _, _, val_set, info = data.build_datasets(dataset, args.data_root or config.get("data_root"),
+                                              split=config.get("split", "1/8"),
+                                              splits_dir=config.get("splits_dir", "splits"),
+                                              crop_size=config.get("crop_size", 321), seed=config.get("seed", 0))
+    if info.num_classes != config["num_classes"]:
+        raise data.DataError(f"--dataset {dataset} has {info.num_classes} classes, the checkpoint "
+                             f"{config['num_classes']}")
+    result = evaluate(student, val_set, info.num_classes, args.device, num_workers=args.workers, **inference)
+    if args.save_vis:
+        for i in range(len(val_set)):
+            image, mask = val_set[i]
+            prediction = predict(student, image[None].to(args.device), info.num_classes, **inference).argmax(1)[0]
+            save_panel(Path(args.save_vis) / f"{i:05d}.png",
+                       [[denormalize(image), data.colorize(mask, info.palette),
+                         data.colorize(prediction.cpu(), info.palette)]])
+    width = max(len(name) for name in info.class_names)
+    print(f"{'class':<{width}}    IoU")
+    for name, iou in zip(info.class_names, result["iou"]):
+        print(f"{name:<{width}}  " + ("  n/a" if iou != iou else f"{iou:5.2f}"))
+    print(f"mIoU: {result['miou']:.2f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,163 @@
+"""Training-loop claims: exact resume, safe stops, distributed runs that agree with one process, baselines."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# A tiny IGL-DT: both stages, every network, every loss, a few iterations each, on the synthetic data.
+TINY = ["--dataset", "synthetic", "--teacher-epochs", "1", "--student-epochs", "1", "--max-iters", "3",
+        "--batch-size", "2", "--crop-size", "64", "--swin-dim", "12", "--swin-depths", "1", "1", "1", "1",
+        "--res-width", "8", "--backbone", "resnet18", "--workers", "0", "--eval-every", "1", "--device", "cpu"]
+
+
+def run_tiny(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = TINY + ["--out", str(out), "--splits-dir", str(tmp_path / "splits"), *extra]
+    return out, args
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a, b, where="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def stop_with_sigterm_at(monkeypatch, method, call_number):
+    """Send this process SIGTERM during the given call of Trainer.<method>, as a scheduler would."""
+    original, calls = getattr(train.Trainer, method), {"n": 0}
+
+    def wrapped(self, *args):
+        calls["n"] += 1
+        if calls["n"] == call_number:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+    monkeypatch.setattr(train.Trainer, method, wrapped)
+
+
+@pytest.mark.parametrize("stop_at", [("teacher_step", 3), ("student_step", 2)],
+                         ids=["between-epochs", "mid-epoch"])
+def test_resumed_run_repeats_the_straight_run_exactly(tmp_path, monkeypatch, stop_at):
+    straight, args = run_tiny(tmp_path, "straight")
+    train.main(args)
+
+    resumed, args = run_tiny(tmp_path, "resumed")
+    with monkeypatch.context() as patch:
+        stop_with_sigterm_at(patch, *stop_at)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    train.main(args + ["--resume"])
+
+    a = torch.load(straight / "latest.pt", weights_only=True)
+    b = torch.load(resumed / "latest.pt", weights_only=True)
+    assert_same_state(a["trainer"], b["trainer"], "trainer")
+    keys = lambda record: {k: v for k, v in record.items() if k.startswith(("loss_", "miou_", "lr_"))}
+    assert [keys(r) for r in read_log(straight)] == [keys(r) for r in read_log(resumed)]
+    assert len(read_log(resumed)) == 2
+
+
+def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
+    out, args = run_tiny(tmp_path, "killed")
+    args[args.index("--max-iters") + 1] = "200"
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # the first line is printed once the loop is about to start
+        if "writing to" in line:
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    checkpoint = torch.load(out / "latest.pt", weights_only=True)
+    assert checkpoint["epoch"] == 0 and 0 < checkpoint["step"] < 200
+    assert "--resume" in output
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    train.save_atomic({"epoch": 1, "weights": torch.ones(3)}, path)
+
+    def crash_halfway(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(train.torch, "save", crash_halfway)
+    with pytest.raises(OSError):
+        train.save_atomic({"epoch": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [path]                 # no temporary file left behind
+
+
+def evaluate_cli(checkpoint):
+    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(checkpoint), "--device", "cpu",
+                             "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"mIoU: \d+\.\d\d", last), last
+    return float(last.split()[1])
+
+
+def test_two_cpu_processes_train_and_report_the_one_process_miou(tmp_path):
+    out, args = run_tiny(tmp_path, "two", "--gpus", "2")
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    best = torch.load(out / "best.pt", weights_only=True)
+    logged = [r for r in read_log(out) if r["stage"] == "student"][-1]["miou_student"]
+    assert best["miou"] == logged
+    # The same weights evaluated by the CLI in one process give the mIoU the two processes logged.
+    assert evaluate_cli(out / "best.pt") == round(logged, 2)
+
+
+@pytest.mark.parametrize("variant", [["--teachers", "none"], ["--teachers", "swin", "--freeze-teachers"],
+                                     ["--teachers", "res", "--amp", "bf16"]], ids=lambda v: " ".join(v))
+def test_every_variant_trains_and_logs(tmp_path, variant):
+    out, args = run_tiny(tmp_path, "variant", *variant)
+    train.main(args)
+    log = read_log(out)
+    assert log[-1]["stage"] == "student" and 0 <= log[-1]["miou_student"] <= 100
+    assert all(v == v for r in log for k, v in r.items() if k.startswith("loss_"))  # no NaN
+    assert (out / "best.pt").is_file() and list((out / "vis").glob("*.png"))
+    if variant[1] == "none":
+        assert len(log) == 1 and "loss_cps" not in log[0]     # no teacher stage for the baseline
+
+
+def test_the_checkpoint_evaluated_by_the_cli_gives_the_logged_miou(tmp_path):
+    out, args = run_tiny(tmp_path, "cli", "--teachers", "none")
+    train.main(args)
+    assert evaluate_cli(out / "best.pt") == round(read_log(out)[-1]["miou_student"], 2)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "folder", "--data-root", "/no/such/dir"], "/no/such/dir"),
+    (["--resume", "--out", "/tmp/igl-dt-no-such-run"], "--resume"),
+])
+def test_a_users_mistake_is_one_line_without_traceback(argv, expected):
+    result = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr

@@ -157,11 +157,12 @@ def load_student(path, device="cpu"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say so in one line
         raise data.DataError(f"--checkpoint {path}: not a checkpoint written by train.py ({error.__class__.__name__})")
-    if "config" not in checkpoint or not ({"student", "model"} & checkpoint.keys()):
+    weights = checkpoint.get("student") or checkpoint.get("trainer", {}).get("student")  # best.pt or latest.pt
+    if "config" not in checkpoint or weights is None:
         raise data.DataError(f"--checkpoint {path}: holds no student (expected best.pt or latest.pt of train.py)")
     config = checkpoint["config"]
     student = build_student(config)
-    student.load_state_dict(checkpoint["student"] if "student" in checkpoint else checkpoint["model"])
+    student.load_state_dict(weights)
     return student.to(device).eval(), config
 
 

@@ -9,6 +9,7 @@ Everything the method does in one iteration is in `teacher_step` and `student_st
 """
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -38,19 +39,19 @@ DATASET_DEFAULTS = {
     "voc": dict(crop_size=321, batch_size=8, teacher_epochs=20, student_epochs=60, lr=1e-3, head_lr_mult=10.0,
                 swin_lr=1e-4, threshold=0.95, backbone="resnet50", pretrained="imagenet", swin_dim=96,
                 swin_depths=[2, 2, 6, 2], res_width=64, region=32, eval_mode="full", eval_window=321, ohem=False,
-                eval_every=5, workers=4),
+                eval_every=5, workers=4, ema_momentum=0.999, cps_rampup=0, res_optimizer="sgd"),
     "cityscapes": dict(crop_size=801, batch_size=8, teacher_epochs=60, student_epochs=180, lr=5e-3,
                        head_lr_mult=1.0, swin_lr=1e-4, threshold=0.0, backbone="resnet50", pretrained="imagenet",
                        swin_dim=96, swin_depths=[2, 2, 6, 2], res_width=64, region=64, eval_mode="sliding",
-                       eval_window=801, ohem=True, eval_every=10, workers=4),
-    "folder": dict(crop_size=160, batch_size=4, teacher_epochs=6, student_epochs=12, lr=1e-2, head_lr_mult=1.0,
-                   swin_lr=1e-3, threshold=0.9, backbone="resnet18", pretrained="none", swin_dim=24,
-                   swin_depths=[2, 2, 2, 2], res_width=16, region=32, eval_mode="full", eval_window=321,
-                   ohem=False, eval_every=2, workers=2),
-    "synthetic": dict(crop_size=96, batch_size=4, teacher_epochs=3, student_epochs=6, lr=1e-2, head_lr_mult=1.0,
-                      swin_lr=1e-3, threshold=0.9, backbone="resnet18", pretrained="none", swin_dim=24,
-                      swin_depths=[2, 2, 2, 2], res_width=16, region=32, eval_mode="full", eval_window=321,
-                      ohem=False, eval_every=3, workers=0),
+                       eval_window=801, ohem=True, eval_every=10, workers=4, ema_momentum=0.999, cps_rampup=0, res_optimizer="sgd"),
+    "folder": dict(crop_size=128, batch_size=4, teacher_epochs=3, student_epochs=6, lr=1e-2, head_lr_mult=1.0,
+                   swin_lr=2e-3, threshold=0.9, backbone="resnet18", pretrained="none", swin_dim=48,
+                   swin_depths=[2, 2, 2, 2], res_width=32, region=32, eval_mode="full", eval_window=321,
+                   ohem=False, eval_every=3, workers=2, ema_momentum=0.99, cps_rampup=2, res_optimizer="adamw"),
+    "synthetic": dict(crop_size=96, batch_size=4, teacher_epochs=4, student_epochs=6, lr=1e-2, head_lr_mult=1.0,
+                      swin_lr=2e-3, threshold=0.9, backbone="resnet18", pretrained="none", swin_dim=48,
+                      swin_depths=[2, 2, 2, 2], res_width=32, region=32, eval_mode="full", eval_window=321,
+                      ohem=False, eval_every=3, workers=0, ema_momentum=0.99, cps_rampup=2, res_optimizer="adamw"),
 }
 
 
@@ -75,15 +76,19 @@ def parse_args(argv=None):
     g.add_argument("--lambda-glo", type=float, default=1.0, help="global context learning, 0 = off (default: 1)")
     g.add_argument("--lambda-loc", type=float, default=1.0, help="local regional learning, 0 = off (default: 1)")
     g.add_argument("--lambda-cps", type=float, default=1.5, help="CPS between the teachers (default: 1.5)")
+    g.add_argument("--cps-rampup", type=float, help="epochs over which CPS ramps up from 0" + per_dataset)
     g.add_argument("--threshold", type=float, help="confidence threshold of agreed pseudo-labels" + per_dataset)
     g.add_argument("--region", type=int, help="LRL region size in pixels" + per_dataset)
-    g.add_argument("--ema-momentum", type=float, default=0.999, help="teachers' EMA momentum (default: 0.999)")
+    g.add_argument("--ema-momentum", type=float, help="teachers' EMA momentum; short CPU runs need a shorter "
+                   "memory" + per_dataset)
     g = p.add_argument_group("schedule and networks")
     for flag, kind in [("--teacher-epochs", int), ("--student-epochs", int), ("--batch-size", int),
                        ("--crop-size", int), ("--lr", float), ("--head-lr-mult", float), ("--swin-lr", float),
                        ("--swin-dim", int), ("--res-width", int), ("--eval-every", int), ("--workers", int)]:
         g.add_argument(flag, type=kind, help=per_dataset)
     g.add_argument("--swin-depths", type=int, nargs=4, help="blocks per Swin stage" + per_dataset)
+    g.add_argument("--res-optimizer", choices=["sgd", "adamw"], help="ResUNet optimiser; adamw uses --swin-lr"
+                   + per_dataset)
     g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], help=per_dataset)
     g.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
     g.add_argument("--pretrained", help="student backbone: imagenet | none | PATH to a torchvision state dict"
@@ -124,18 +129,20 @@ def torchvision_weights(spec, arch):
 
 
 def build_networks(cfg):
-    """Student S (DeepLabV3+), Swin-UNet teacher G and ResUNet teacher L as the config describes."""
+    """Student S (DeepLabV3+), Swin-UNet teacher G and ResUNet teacher L as the config describes (None if unused)."""
     pretrained = {"imagenet": True, "none": False}.get(cfg["pretrained"], cfg["pretrained"])
-    student = build_student(cfg, pretrained)
-    heads = tuple(max(1, cfg["swin_dim"] * 2 ** i // 32) for i in range(4))  # 32 channels per head, as Swin-T
-    swin = SwinUNet(cfg["num_classes"], embed_dim=cfg["swin_dim"], depths=tuple(cfg["swin_depths"]),
-                    num_heads=heads)
-    w = cfg["res_width"]
-    res = ResUNet(cfg["num_classes"], widths=(w, 2 * w, 4 * w, 8 * w))
-    if cfg["pretrained_swin"] != "none":
-        swin.load_torchvision_swin(torchvision_weights(cfg["pretrained_swin"], "swin_t"))
-    if cfg["pretrained_res"] != "none":
-        res.load_torchvision_resnet(torchvision_weights(cfg["pretrained_res"], "resnet34"))
+    student, swin, res = build_student(cfg, pretrained), None, None
+    if cfg["teachers"] in ("swin", "both"):
+        heads = tuple(max(1, cfg["swin_dim"] * 2 ** i // 32) for i in range(4))  # 32 channels a head, as Swin-T
+        swin = SwinUNet(cfg["num_classes"], embed_dim=cfg["swin_dim"], depths=tuple(cfg["swin_depths"]),
+                        num_heads=heads)
+        if cfg["pretrained_swin"] != "none":
+            swin.load_torchvision_swin(torchvision_weights(cfg["pretrained_swin"], "swin_t"))
+    if cfg["teachers"] in ("res", "both"):
+        w = cfg["res_width"]
+        res = ResUNet(cfg["num_classes"], widths=(w, 2 * w, 4 * w, 8 * w))
+        if cfg["pretrained_res"] != "none":
+            res.load_torchvision_resnet(torchvision_weights(cfg["pretrained_res"], "resnet34"))
     return student, swin, res
 
 
@@ -146,6 +153,10 @@ def sgd(model, lr, head_lr_mult, backbone_prefixes):
     groups = [dict(params=trunk, lr=lr, initial_lr=lr), dict(params=head, lr=lr * head_lr_mult,
                                                               initial_lr=lr * head_lr_mult)]
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
+
+
+def adamw(model, lr):
+    return torch.optim.AdamW([dict(params=list(model.parameters()), lr=lr, initial_lr=lr)], lr=lr, weight_decay=0.05)
 
 
 def poly_lr(optimizer, iteration, total):
@@ -202,26 +213,26 @@ class Trainer:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
         student, swin, res = build_networks(cfg)
-        if world > 1 and device == "cuda":  # SyncBatchNorm needs CUDA; CPU processes keep per-rank statistics
+        if world > 1 and device != "cpu":  # SyncBatchNorm needs CUDA; CPU processes keep per-rank statistics
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            res = torch.nn.SyncBatchNorm.convert_sync_batchnorm(res)
-        self.student, self.swin, self.res = (m.to(device) for m in (student, swin, res))
-        self.swin_ema, self.res_ema = (copy.deepcopy(m).eval().requires_grad_(False) for m in (self.swin, self.res))
+            res = res and torch.nn.SyncBatchNorm.convert_sync_batchnorm(res)
+        self.student, self.swin, self.res = (m and m.to(device) for m in (student, swin, res))
+        self.swin_ema, self.res_ema = (m and copy.deepcopy(m).eval().requires_grad_(False) for m in (swin, res))
         scale = cfg["batch_size"] / DATASET_DEFAULTS[cfg["dataset"]]["batch_size"]  # linear lr scaling
         lr, mult = cfg["lr"] * scale, cfg["head_lr_mult"]
         self.opt_student = sgd(self.student, lr, mult, ("backbone.",))
-        self.opt_res = sgd(self.res, lr, mult, ("encoder.",))
-        self.opt_swin = torch.optim.AdamW(self.swin.parameters(), lr=cfg["swin_lr"] * scale, weight_decay=0.05)
-        for group in self.opt_swin.param_groups:
-            group["initial_lr"] = group["lr"]
+        self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale)
+        # The recipe trains the ResUNet like the student (SGD); from scratch on a CPU, AdamW trains it much faster.
+        self.opt_res = res and (sgd(self.res, lr, mult, ("encoder.",)) if cfg["res_optimizer"] == "sgd"
+                                else adamw(self.res, cfg["swin_lr"] * scale))
         # GradScaler only for fp16: bf16 and fp32 need no loss scaling, so their path has no special case.
-        fp16 = cfg["amp"] == "fp16"
-        self.scaler_student = torch.amp.GradScaler(device, enabled=fp16)
-        self.scaler_teachers = torch.amp.GradScaler(device, enabled=fp16)
+        device_type = torch.device(device).type
+        self.scaler_student = torch.amp.GradScaler(device_type, enabled=cfg["amp"] == "fp16")
+        self.scaler_teachers = torch.amp.GradScaler(device_type, enabled=cfg["amp"] == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg["amp"]]
         self.steps = {"student": 0, "teachers": 0}
-        wrap = (lambda m: DistributedDataParallel(m, device_ids=[device] if device != "cpu" else None)) \
-            if world > 1 else (lambda m: m)
+        wrap = lambda m: DistributedDataParallel(m, device_ids=None if device == "cpu" else [device]) \
+            if world > 1 and m is not None else m
         self.student_ddp, self.swin_ddp, self.res_ddp = wrap(self.student), wrap(self.swin), wrap(self.res)
 
     def autocast(self):
@@ -246,7 +257,10 @@ class Trainer:
         loss = sum(losses.values())
         if logits_swin is not None and logits_res is not None:
             losses["cps"] = cps_loss(logits_swin[n:], logits_res[n:], ignore)
-            loss = loss + cfg["lambda_cps"] * losses["cps"]
+            # From scratch, two untrained teachers can agree on nonsense (both predicting the majority class);
+            # ramping CPS up linearly over `cps_rampup` iterations lets supervision shape them first.
+            rampup = min(1.0, (self.steps["teachers"] + 1) / max(1, cfg["cps_rampup_iters"]))
+            loss = loss + cfg["lambda_cps"] * rampup * losses["cps"]
         optimizers = [opt for opt, t in ((self.opt_swin, "swin"), (self.opt_res, "res")) if self.uses(t)]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -305,7 +319,8 @@ class Trainer:
     def state_dict(self):
         names = ["student", "swin", "res", "swin_ema", "res_ema", "opt_student", "opt_swin", "opt_res",
                  "scaler_student", "scaler_teachers"]
-        return {name: getattr(self, name).state_dict() for name in names} | {"steps": dict(self.steps)}
+        return {name: getattr(self, name).state_dict() for name in names if getattr(self, name) is not None} \
+            | {"steps": dict(self.steps)}
 
     def load_state_dict(self, state):
         for name, value in state.items():
@@ -373,6 +388,7 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
     if iters == 0:
         raise data.DataError(f"--batch-size {cfg['batch_size']} exceeds the {len(unlabeled_set)} unlabeled images")
 
+    cfg["cps_rampup_iters"] = round(cfg["cps_rampup"] * iters)
     trainer = Trainer(cfg, rank, world, device)
     teacher_epochs = 0 if cfg["teachers"] == "none" else cfg["teacher_epochs"]
     total_epochs = teacher_epochs + cfg["student_epochs"]
@@ -404,47 +420,55 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
         length = iters * cfg["batch_size"]
         labeled_idx = epoch_indices(len(labeled_set), length, cfg["seed"], 2 * epoch, rank, world)
         unlabeled_idx = epoch_indices(len(unlabeled_set), length, cfg["seed"], 2 * epoch + 1, rank, world)
-        batches = zip(loader(labeled_set, labeled_idx[step0 * per_rank:], per_rank, cfg["workers"], args.device),
-                      loader(unlabeled_set, unlabeled_idx[step0 * per_rank:], per_rank, cfg["workers"], args.device))
-        bar = tqdm(batches, total=iters - step0, initial=0, disable=not is_main, leave=False,
-                   desc=f"{stage} epoch {epoch + 1}/{total_epochs}", dynamic_ncols=True)
+        labeled_batches = loader(labeled_set, labeled_idx[step0 * per_rank:], per_rank, cfg["workers"], args.device)
+        unlabeled_batches = itertools.repeat(None) if cfg["teachers"] == "none" else \
+            loader(unlabeled_set, unlabeled_idx[step0 * per_rank:], per_rank, cfg["workers"], args.device)
+        batches = zip(labeled_batches, unlabeled_batches)  # the baseline never loads unlabeled images
+        bar = tqdm(batches, total=iters - step0, disable=not is_main, leave=False, dynamic_ncols=True,
+                   desc=f"{stage} epoch {epoch + 1}/{total_epochs}",
+                   mininterval=0.5 if sys.stderr.isatty() else 60)  # a job's log file gets a line a minute
         started = time.time()
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step, ((image, label), (weak, strong, ignore, box)) in enumerate(bar, start=step0):
+        for step, ((image, label), unlabeled) in enumerate(bar, start=step0):
             # Randomness inside the networks (drop path) is a function of (seed, rank, epoch, step): a resumed run
             # repeats the straight run exactly, with no RNG state to carry.
             torch.manual_seed(hash((cfg["seed"], rank, epoch, step)) % 2 ** 62)
-            image, label, weak, strong, ignore, box = (t.to(device, non_blocking=True)
-                                                       for t in (image, label, weak, strong, ignore, box))
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            weak, strong, ignore, box = (None,) * 4 if unlabeled is None else \
+                (t.to(device, non_blocking=True) for t in unlabeled)
             losses = {}
             if stage == "student":
                 poly_lr(trainer.opt_student, trainer.steps["student"], student_iters)
                 losses |= trainer.student_step(image, label, weak, strong, ignore, box)
             if stage == "teachers" or (cfg["teachers"] != "none" and not cfg["freeze_teachers"]):
-                poly_lr(trainer.opt_swin, trainer.steps["teachers"], teacher_iters)
-                poly_lr(trainer.opt_res, trainer.steps["teachers"], teacher_iters)
+                for optimizer in (trainer.opt_swin, trainer.opt_res):
+                    if optimizer is not None:
+                        poly_lr(optimizer, trainer.steps["teachers"], teacher_iters)
                 losses |= trainer.teacher_step(image, label, weak, ignore)
             for name, value in losses.items():  # running sums stay on the device: no sync per iteration
                 meters[name] = meters.get(name, 0.0) + value.detach().float()
             meters["count"] = meters.get("count", 0) + 1
             if step % 10 == 0:
-                bar.set_postfix({k: f"{float(v) / meters['count']:.3f}" for k, v in meters.items() if k != "count"})
+                bar.set_postfix({k: f"{float(v) / meters['count']:.3f}" for k, v in meters.items() if k not in ("count", "seconds")})
             signalled = torch.tensor(stop["signal"], device=device)
             if world > 1:  # every rank must stop at the same iteration
                 dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
             if signalled.item():
+                meters["seconds"] = meters.get("seconds", 0.0) + time.time() - started
                 if is_main:
                     save_atomic(checkpoint_state(epoch, step + 1), latest)
                     print(f"\nstopped by signal {int(signalled)}; saved {latest}; continue with --resume --out {out}")
                 return {"signal": int(signalled)}
-        seconds = time.time() - started
+        seconds = meters.pop("seconds", 0.0) + time.time() - started  # including the part before a resume
         record = {"stage": stage, "epoch": epoch + 1, "iterations": iters}
         record |= {f"loss_{k}": float(v) / meters["count"] for k, v in meters.items() if k != "count"}
-        record |= {"lr_student": trainer.opt_student.param_groups[-1]["lr"],
-                   "lr_swin": trainer.opt_swin.param_groups[0]["lr"], "lr_res": trainer.opt_res.param_groups[-1]["lr"]}
-        images_per_step = cfg["batch_size"] * (1 if cfg["teachers"] == "none" and stage == "student" else 2)
-        record |= {"images_per_s": (iters - step0) * images_per_step / seconds, "seconds": seconds,
+        for name in ("student", "swin", "res"):  # the head's learning rate (the last parameter group)
+            optimizer = getattr(trainer, f"opt_{name}")
+            if optimizer is not None:
+                record[f"lr_{name}"] = optimizer.param_groups[-1]["lr"]
+        images_per_step = cfg["batch_size"] * (1 if cfg["teachers"] == "none" else 2)
+        record |= {"images_per_s": iters * images_per_step / seconds, "seconds": seconds,
                    "peak_mem_mb": peak_memory_mb(args.device)}
         last_of_stage = epoch + 1 in (teacher_epochs, total_epochs)
         if (epoch + 1) % cfg["eval_every"] == 0 or last_of_stage:

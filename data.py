@@ -1,0 +1,611 @@
+"""Data for IGL-DT: datasets, split protocols and the weak / strong views of METHOD sections 4 and 5.
+
+    labeled, unlabeled, val, info = build_datasets("voc", "path/to/VOC2012", split="1/16")
+    labeled.set_epoch(epoch); unlabeled.set_epoch(epoch)    # before each epoch's DataLoader
+
+labeled[i]   -> image (3, C, C) float, mask (C, C) long, 255 where ignored or padded
+unlabeled[i] -> weak (3, C, C), strong (3, C, C), ignore_mask (C, C) bool, cutmix_box (C, C) bool
+val[i]       -> image (3, H, W) float, mask (H, W) long, the whole image
+C is the crop size; images are normalised with the ImageNet MEAN and STD, and padding is 0 after that.
+
+Layouts expected under --data-root
+  voc         JPEGImages/<id>.jpg
+              SegmentationClass/<id>.png      fine masks: the 1,464 train and 1,449 val images
+              SegmentationClassAug/<id>.png   SBD-augmented masks of the 10,582 training images
+              ImageSets/Segmentation/{train,val}.txt, optional train_aug.txt
+              The training pool is train_aug.txt, or else every SegmentationClassAug mask not in val.txt.
+  cityscapes  leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
+              gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png   (labelIds become the 19 trainIds here)
+  folder      images/{train,val}/<name>.<jpg|png|...>, masks/{train,val}/<name>.png (class ids, 255 = ignore)
+              optional images/unlabeled/*  extra unlabeled images, without masks
+              optional classes.txt         one class name per line; without it every mask is read once, the
+                                           number of classes is the largest id + 1, named class0, class1, ...
+  synthetic   nothing: the scenes are drawn in memory, deterministically (no --data-root)
+
+Splits. --split is a fraction 1/16, 1/8, 1/4 or 1/2 of the training pool, rounded up, which gives the
+published counts (VOC 662 / 1,323 / 2,646 / 5,291 of 10,582; Cityscapes 186 / 372 / 744 / 1,488 of 2,975);
+or a count: VOC's classic 92 / 183 / 366 / 732 / 1464 (drawn from the 1,464 fine images, the rest of the
+10,582 unlabeled), or any count for folder and synthetic. The lists live in
+<splits_dir>/<dataset>/<name>/{labeled,unlabeled}.txt with <name> the split with "/" made "_" ("1/8" -> "1_8",
+"92" -> "92"), one "image mask" line per sample, paths relative to the data root: the format UniMatch and CPS
+publish (UniMatch's splits/pascal/1_16/ goes to <splits_dir>/voc/1_16/). A list already there is read as
+given; delete its folder to draw a new one with another --seed.
+
+Checks. build_datasets checks the layout and that every listed file exists; `python data.py` also opens every
+file; each sample is checked again as it loads. Every user mistake is a one-line DataError.
+"""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+IGNORE_INDEX = 255
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+DATASETS = ("voc", "cityscapes", "folder", "synthetic")
+FRACTIONS = ("1/16", "1/8", "1/4", "1/2")
+VOC_CLASSIC = ("92", "183", "366", "732", "1464")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle"]
+CITYSCAPES_COLORS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                     (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                     (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+# Cityscapes labelId -> trainId of the 19 evaluated classes; every other labelId is void.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                        25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+LABEL_ID_TO_TRAIN_ID = [CITYSCAPES_TRAIN_IDS.get(i, IGNORE_INDEX) for i in range(256)]
+
+SYNTHETIC_SIZE, SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_SEED = 96, 240, 48, 0
+SYNTHETIC_CLASSES = ["background", "stripes", "checks", "spots", "grain"]
+# Stripes and spots are both reddish, checks and grain both bluish, and each object's colour is jittered
+# around its class's: colour alone confuses pairs of classes, so the texture has to be learned.
+SYNTHETIC_COLORS = np.array([[128, 128, 118], [185, 85, 70], [75, 100, 175], [175, 95, 80], [85, 110, 165]],
+                            dtype=np.float32)
+
+
+class DataError(Exception):
+    """A user's mistake in the data or the flags; str() is one line naming the path or value and what was
+    expected. The command lines print it as `error: ...` and exit 2."""
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]  # one (R, G, B) per class
+
+
+def voc_palette(num_classes):
+    """VOC's colour map: the bits of the class id spread over the high bits of R, G and B (distinct for any n)."""
+    palette = []
+    for i in range(num_classes):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette.append(tuple(rgb))
+    return palette
+
+
+# ------------------------------------------------------------------------------------------ files and pixels
+def open_decoded(path, kind, expected):
+    """Image.open + decode now, so a missing or broken file is a DataError naming it, not a PIL traceback."""
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise DataError(f"{kind} {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read {kind} {path} ({type(error).__name__}); expected {expected}") from None
+
+
+def load_image(path):
+    """An RGB PIL image; DataError naming the path if it is missing or unreadable."""
+    image = open_decoded(path, "image", "a JPEG or PNG file")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_mask(path, num_classes):
+    """A single-channel PIL mask of class ids 0..num_classes-1 or 255. Cityscapes `*_gtFine_labelIds.png` files
+    are converted to trainIds here, so no preprocessed trainId files are needed."""
+    mask = open_decoded(path, "mask", "a PNG of class ids")
+    if mask.mode not in ("L", "P"):  # "P": VOC's palette PNGs, whose indices are the class ids
+        raise DataError(f"mask {path} has mode {mask.mode}; expected an 8-bit single-channel PNG of class ids "
+                        f"(colour masks must be converted to ids first)")
+    if path.endswith("_gtFine_labelIds.png"):
+        mask = mask.point(LABEL_ID_TO_TRAIN_ID)
+    counts = mask.histogram()  # 256 bins, one per id: a cheap check of every pixel
+    bad = [value for value in range(num_classes, IGNORE_INDEX) if counts[value]]
+    if bad:
+        raise DataError(f"mask {path} holds the value {bad[0]}; expected class ids 0..{num_classes - 1} "
+                        f"or {IGNORE_INDEX} (ignore)")
+    return mask
+
+
+def load_pair(image_path, mask_path, num_classes):
+    image, mask = load_image(image_path), load_mask(mask_path, num_classes)
+    if image.size != mask.size:
+        raise DataError(f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
+                        f"{mask.width}x{mask.height}; expected the same size")
+    return image, mask
+
+
+# uint8 value -> (value / 255 - mean) / std, per channel. Looking values up is 3x faster than computing them in
+# torch and stays on the calling thread, where torch would hand each image to its thread pool: that costs more
+# than it saves at this size, and far more on a busy CPU (bench/data.py with 0 workers).
+NORMALIZE_LUT = ((np.arange(256) / 255 - np.array(MEAN)[:, None]) / np.array(STD)[:, None]).astype(np.float32)
+
+
+def normalize(image, size=None):
+    """PIL RGB image -> FloatTensor (3, H, W) normalised with the ImageNet MEAN and STD. With `size`, padded on
+    the bottom and right to (3, size, size) with 0, which is what the mean colour normalises to."""
+    pixels = np.asarray(image)
+    out = np.zeros((3, size or image.height, size or image.width), dtype=np.float32)
+    for c in range(3):
+        np.take(NORMALIZE_LUT[c], pixels[..., c], out=out[c, :image.height, :image.width], mode="clip")
+    return torch.from_numpy(out)
+
+
+def mask_to_tensor(mask, size=None):
+    """PIL mask -> LongTensor (H, W); with `size`, padded on the bottom and right to (size, size) with 255."""
+    out = np.full((size or mask.height, size or mask.width), IGNORE_INDEX, dtype=np.int64)
+    out[:mask.height, :mask.width] = np.asarray(mask)
+    return torch.from_numpy(out)
+
+
+def colorize(mask, palette):
+    """LongTensor (H, W) of class ids -> PIL RGB image in the dataset's palette; 255 (ignore) is black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:len(palette)] = palette
+    lut[IGNORE_INDEX] = 0
+    return Image.fromarray(lut[mask.cpu().numpy().astype(np.uint8)])
+
+
+# -------------------------------------------------------------------------------------------- augmentation
+def weak_view(rng, image, mask, crop_size):
+    """Random rescale 0.5-2.0, random crop, horizontal flip p=0.5 of an (image, mask) pair; mask may be None.
+
+    Returns the part of the crop that lies inside the image (at most crop_size a side); `normalize` and
+    `mask_to_tensor` pad the rest, so padding is exactly 0 in the image and IGNORE_INDEX in the mask."""
+    scale = rng.uniform(0.5, 2.0)
+    width, height = round(image.width * scale), round(image.height * scale)
+    x = rng.integers(0, max(width - crop_size, 0) + 1)
+    y = rng.integers(0, max(height - crop_size, 0) + 1)
+    w, h = min(crop_size, width), min(crop_size, height)
+    # Resize only the crop window (`box`, in source pixels): the pixels of resize-then-crop without scaling the
+    # whole image (at 2x a Cityscapes frame is 8 M pixels, of which an 801 crop keeps 0.6 M).
+    sx, sy = image.width / width, image.height / height
+    box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
+    image = image.resize((w, h), Image.BILINEAR, box=box)
+    mask = None if mask is None else mask.resize((w, h), Image.NEAREST, box=box)
+    if rng.random() < 0.5:
+        image = F.horizontal_flip(image)
+        mask = None if mask is None else F.horizontal_flip(mask)
+    return image, mask
+
+
+def strong_colors(rng, image):
+    """The strong view's colour changes, on the weak view's pixels: colour jitter (0.5, 0.5, 0.5, 0.25) p=0.8
+    in a random order, grayscale p=0.2, Gaussian blur with sigma in 0.1-2 p=0.5."""
+    if rng.random() < 0.8:
+        jitters = [(F.adjust_brightness, rng.uniform(0.5, 1.5)), (F.adjust_contrast, rng.uniform(0.5, 1.5)),
+                   (F.adjust_saturation, rng.uniform(0.5, 1.5)), (F.adjust_hue, rng.uniform(-0.25, 0.25))]
+        for k in rng.permutation(4):
+            adjust, factor = jitters[k]
+            image = adjust(image, factor)
+    if rng.random() < 0.2:
+        image = F.rgb_to_grayscale(image, num_output_channels=3)
+    if rng.random() < 0.5:
+        # PIL's blur takes sigma as its radius and is 3x faster than v2's gaussian_blur on a PIL image.
+        image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    return image
+
+
+def cutmix_box(rng, size, p=0.5, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)):
+    """UniMatch's CutMix box: with probability p, a rectangle of random area (a fraction of size x size) and
+    aspect ratio at a random place. BoolTensor (size, size), True inside the box."""
+    box = np.zeros((size, size), dtype=bool)
+    if rng.random() >= p:
+        return torch.from_numpy(box)
+    box_area = rng.uniform(*area) * size * size
+    while True:  # redraw the aspect ratio until the box fits
+        ratio = rng.uniform(*aspect)
+        w, h = int((box_area / ratio) ** 0.5), int((box_area * ratio) ** 0.5)
+        if w <= size and h <= size:
+            break
+    x, y = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
+    box[y:y + h, x:x + w] = True
+    return torch.from_numpy(box)
+
+
+def cutmix(target, source, box):
+    """Paste `source` into `target` inside `box`: where(box, source, target).
+
+    box (B, H, W) bool; target and source (B, H, W) or (B, C, H, W), the box broadcast over channels. The
+    training step mixes the strong images, the teachers' probabilities and the ignore masks with the same box
+    and source = target.roll(1, dims=0), another image of the batch."""
+    return torch.where(box if target.dim() == 3 else box[:, None], source, target)
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+class SemiDataset(Dataset):
+    """One role of a dataset: "labeled", "unlabeled" or "val" (see the module docstring for what each gives).
+
+    files: (image_path, mask_path or None) per sample; scenes: for synthetic data, the (image, mask) per sample.
+    A training sample is a pure function of (seed, epoch, index): all its randomness comes from a generator
+    seeded by them, never from a global RNG, so a resumed run repeats a straight run and DataLoader workers
+    need no seeding. Call set_epoch before each epoch's DataLoader (not with persistent_workers)."""
+
+    def __init__(self, mode, files, info, crop_size=321, seed=0, scenes=None):
+        self.mode, self.files, self.info, self.crop_size, self.seed = mode, files, info, crop_size, seed
+        self.scenes, self.epoch = scenes, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        if self.scenes is not None:
+            return self.scenes[index]
+        image_path, mask_path = self.files[index]
+        if self.mode == "unlabeled":
+            return load_image(image_path), None
+        return load_pair(image_path, mask_path, self.info.num_classes)
+
+    def __getitem__(self, index):
+        image, mask = self.load(index)
+        if self.mode == "val":
+            return normalize(image), mask_to_tensor(mask)
+        size = self.crop_size
+        stream = ("labeled", "unlabeled").index(self.mode)  # labeled and unlabeled sample i draw differently
+        rng = np.random.default_rng([self.seed, stream, self.epoch, int(index)])
+        image, mask = weak_view(rng, image, mask if self.mode == "labeled" else None, size)
+        if self.mode == "labeled":
+            return normalize(image, size), mask_to_tensor(mask, size)
+        strong = strong_colors(rng, image)
+        ignore_mask = np.ones((size, size), dtype=bool)  # True on the padding
+        ignore_mask[:image.height, :image.width] = False
+        return normalize(image, size), normalize(strong, size), torch.from_numpy(ignore_mask), cutmix_box(rng, size)
+
+
+# ------------------------------------------------------------------------------------------- synthetic scenes
+def synthetic_texture(kind, rng, x, y):
+    """A texture in [-1, 1] over pixel coordinates x, y: stripes, checks, spots or grain, random scale and angle."""
+    period, angle = rng.uniform(5, 9), rng.uniform(0, np.pi)
+    u = (x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi / period
+    v = (y * np.cos(angle) - x * np.sin(angle)) * 2 * np.pi / period
+    if kind == 1:
+        return np.sin(u)
+    if kind == 2:
+        return np.sign(np.sin(u) * np.sin(v))
+    if kind == 3:
+        return 2.0 * (np.cos(u) * np.cos(v) > 0.4) - 1
+    return rng.normal(0, 0.8, x.shape)
+
+
+def random_shape(rng, size):
+    """A bool (size, size) region: an ellipse, a rotated rectangle or a random star-shaped polygon."""
+    canvas = Image.new("L", (size, size))
+    cx, cy = rng.uniform(0, size, 2)
+    radius = rng.uniform(0.1, 0.3) * size
+    kind = rng.integers(3)
+    if kind == 0:
+        rx, ry = radius, radius * rng.uniform(0.5, 1.0)
+        ImageDraw.Draw(canvas).ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
+    else:
+        if kind == 1:
+            a = rng.uniform(0.3, 1.2)
+            angles, radii = rng.uniform(0, np.pi) + np.array([a, np.pi - a, np.pi + a, -a]), np.full(4, radius)
+        else:
+            n = rng.integers(3, 8)
+            angles, radii = np.sort(rng.uniform(0, 2 * np.pi, n)), radius * rng.uniform(0.4, 1.0, n)
+        points = list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
+        ImageDraw.Draw(canvas).polygon(points, fill=1)
+    return np.asarray(canvas) > 0
+
+
+def synthetic_scene(split, index, size=SYNTHETIC_SIZE):
+    """Scene `index` of "train" or "val": a shaded background, then 2-6 textured objects painted back to front,
+    so later ones occlude earlier ones, then sensor noise. The same (split, index) always gives the same scene.
+    Returns (PIL RGB image, PIL "L" mask of class ids)."""
+    rng = np.random.default_rng([SYNTHETIC_SEED, ("train", "val").index(split), index])
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    shade = (x * np.cos(angle) + y * np.sin(angle)) / size
+    image = SYNTHETIC_COLORS[0] + rng.normal(0, 30, 3) + 50 * shade[..., None]
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(rng.integers(2, 7)):
+        kind, region = rng.integers(1, 5), random_shape(rng, size)
+        color = SYNTHETIC_COLORS[kind] + rng.normal(0, 25, 3)
+        image[region] = color + 45 * synthetic_texture(kind, rng, x, y)[region][:, None]
+        mask[region] = kind
+    image += rng.normal(0, 10, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), Image.fromarray(mask)
+
+
+# ----------------------------------------------------------------------------------------------------- splits
+def labeled_count(dataset, split, pool_size):
+    """How many labeled images `--split` means for `dataset`, from a training pool of pool_size images."""
+    if split in FRACTIONS:
+        denominator = int(split.split("/")[1])
+        return -(-pool_size // denominator)  # rounded up: the counts CPS and UniMatch publish
+    counts_allowed = dataset in ("folder", "synthetic") or (dataset == "voc" and split in VOC_CLASSIC)
+    if split.isdigit() and counts_allowed:
+        if not 1 <= int(split) <= pool_size:
+            raise DataError(f"--split {split} asks for {split} labeled images; expected 1..{pool_size}, "
+                            f"the size of the {dataset} training pool")
+        return int(split)
+    expected = FRACTIONS + (VOC_CLASSIC if dataset == "voc" else ("a count",) if counts_allowed else ())
+    raise DataError(f"--split {split!r} is not supported for {dataset}; expected one of {', '.join(expected)}")
+
+
+def draw_split(candidates, unlabeled_pool, count, seed):
+    """`count` labeled samples drawn from candidates by a seeded permutation; unlabeled: the rest of the pool.
+    Samples are (image, mask) pairs of relative paths; both lists come back in pool order."""
+    chosen = np.random.default_rng(seed).permutation(len(candidates))[:count]
+    labeled = [candidates[i] for i in sorted(chosen)]
+    taken = {image for image, _ in labeled}
+    return labeled, [pair for pair in unlabeled_pool if pair[0] not in taken]
+
+
+def read_split_file(path, need_masks):
+    """A community-format list: one "image mask" (or, for unlabeled samples, "image") line per sample."""
+    if not os.path.isfile(path):
+        raise DataError(f"split file {path} does not exist; expected labeled.txt and unlabeled.txt side by side "
+                        f"(delete the folder to draw a new split)")
+    pairs = []
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            fields = [field.lstrip("/") for field in line.split()]
+            if len(fields) > 2 or (need_masks and len(fields) == 1):
+                raise DataError(f"{path} line {number} reads {line.strip()!r}; expected 'image_path mask_path'")
+            if fields:
+                pairs.append((fields[0], fields[1] if len(fields) == 2 else None))
+    if not pairs:
+        raise DataError(f"split file {path} is empty; expected one 'image_path mask_path' line per sample")
+    return pairs
+
+
+def write_split_file(path, pairs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(f"{image} {mask}\n" if mask else f"{image}\n" for image, mask in pairs)
+
+
+def find_mask(root, mask):
+    """Where this layout keeps a mask that a published list names elsewhere: UniMatch's VOC lists name
+    SegmentationClass/ for augmented masks kept in SegmentationClassAug/, its Cityscapes lists name
+    *_labelTrainIds.png files, which we replace by converting *_labelIds.png in code."""
+    if os.path.isfile(os.path.join(root, mask)):
+        return mask
+    for old, new in (("SegmentationClass/", "SegmentationClassAug/"), ("_labelTrainIds.png", "_labelIds.png")):
+        if old in mask and os.path.isfile(os.path.join(root, mask.replace(old, new))):
+            return mask.replace(old, new)
+    return mask
+
+
+def require_files(root, pairs, source, masks=True):
+    for pair in pairs:
+        for path in pair if masks else pair[:1]:
+            if not os.path.isfile(os.path.join(root, path)):
+                raise DataError(f"{source} names {path}, but {os.path.join(root, path)} is not a file; expected "
+                                f"every listed path to exist under --data-root")
+
+
+# --------------------------------------------------------------------------------------------------- layouts
+def require_dir(root, *parts):
+    path = os.path.join(root, *parts)
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a directory; expected the layout described at the top of data.py")
+    return path
+
+
+def read_ids(path):
+    """Image ids from a VOC list: the first field of each line, without folder or extension."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist; expected the VOC 2012 layout (ImageSets/Segmentation/*.txt)")
+    with open(path) as lines:
+        return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in lines if line.strip()]
+
+
+def scan_voc(root, split):
+    """(candidates for labeling, unlabeled pool, val, where the pool came from) as (image, mask) pairs."""
+    sets = require_dir(root, "ImageSets", "Segmentation")
+    val_ids = read_ids(os.path.join(sets, "val.txt"))
+    if os.path.isfile(os.path.join(sets, "train_aug.txt")):
+        source, pool_ids = os.path.join(sets, "train_aug.txt"), read_ids(os.path.join(sets, "train_aug.txt"))
+    else:
+        source, val_set = require_dir(root, "SegmentationClassAug"), set(val_ids)
+        pool_ids = sorted(name[:-4] for name in os.listdir(source) if name.endswith(".png")
+                          and name[:-4] not in val_set)
+    pairs = lambda ids, masks: [(f"JPEGImages/{i}.jpg", f"{masks}/{i}.png") for i in ids]
+    pool = pairs(pool_ids, "SegmentationClassAug")
+    candidates = pairs(read_ids(os.path.join(sets, "train.txt")), "SegmentationClass") if split in VOC_CLASSIC else pool
+    return candidates, pool, pairs(val_ids, "SegmentationClass"), source
+
+
+def scan_cityscapes(root):
+    def pairs(split):
+        images, _ = require_dir(root, "leftImg8bit", split), require_dir(root, "gtFine", split)
+        return [(f"leftImg8bit/{split}/{city}/{name}",
+                 f"gtFine/{split}/{city}/{name[:-len('_leftImg8bit.png')]}_gtFine_labelIds.png")
+                for city in sorted(os.listdir(images)) if os.path.isdir(os.path.join(images, city))
+                for name in sorted(os.listdir(os.path.join(images, city))) if name.endswith("_leftImg8bit.png")]
+    return pairs("train"), pairs("val"), os.path.join(root, "leftImg8bit", "train")
+
+
+def scan_folder(root):
+    def images(split):
+        folder = require_dir(root, "images", split)
+        names = [name for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_SUFFIXES)]
+        if not names:
+            raise DataError(f"{folder} holds no images; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+        return names
+    def pairs(split):
+        names = images(split)
+        require_dir(root, "masks", split)
+        return [(f"images/{split}/{name}", f"masks/{split}/{os.path.splitext(name)[0]}.png") for name in names]
+    extra = []
+    if os.path.isdir(os.path.join(root, "images", "unlabeled")):
+        extra = [(f"images/unlabeled/{name}", None) for name in images("unlabeled")]
+    return pairs("train"), extra, pairs("val"), os.path.join(root, "images", "train")
+
+
+def folder_info(root, pairs):
+    """classes.txt if present, else the number of classes is the largest id found in the masks + 1."""
+    path = os.path.join(root, "classes.txt")
+    if os.path.isfile(path):
+        with open(path) as lines:
+            names = [line.strip() for line in lines if line.strip()]
+    else:
+        largest = 0
+        for _, mask in tqdm(pairs, desc="no classes.txt: reading the masks", leave=False, disable=None):
+            counts = load_mask(os.path.join(root, mask), IGNORE_INDEX).histogram()
+            largest = max([largest] + [value for value in range(IGNORE_INDEX) if counts[value]])
+        names = [f"class{i}" for i in range(largest + 1)]
+    return DatasetInfo("folder", len(names), names, voc_palette(len(names)))
+
+
+def synthetic_pair(split, index):
+    return f"{split}/{index:04d}.png", f"{split}/{index:04d}_mask.png"
+
+
+def synthetic_index(path, source):
+    """The scene index named by a virtual synthetic path such as "train/0012.png"."""
+    stem = path[len("train/"):-len(".png")] if path.startswith("train/") and path.endswith(".png") else ""
+    if not stem.isdigit() or int(stem) >= SYNTHETIC_TRAIN:
+        raise DataError(f"{source} names {path}; expected train/NNNN.png with NNNN below {SYNTHETIC_TRAIN}")
+    return int(stem)
+
+
+def scan(dataset, root, split):
+    """What the layout holds, as (image, mask) pairs of relative paths: the candidates for labeling, the
+    unlabeled pool, the validation set; with the DatasetInfo and where the pool was found (for error messages)."""
+    if dataset == "voc":
+        candidates, unlabeled_pool, val, source = scan_voc(root, split)
+        return candidates, unlabeled_pool, val, DatasetInfo("voc", 21, VOC_CLASSES, voc_palette(21)), source
+    if dataset == "cityscapes":
+        train, val, source = scan_cityscapes(root)
+        return train, train, val, DatasetInfo("cityscapes", 19, CITYSCAPES_CLASSES, CITYSCAPES_COLORS), source
+    if dataset == "folder":
+        train, extra, val, source = scan_folder(root)
+        return train, train + extra, val, folder_info(root, train + val), source
+    train = [synthetic_pair("train", i) for i in range(SYNTHETIC_TRAIN)]
+    val = [synthetic_pair("val", i) for i in range(SYNTHETIC_VAL)]
+    num_classes = len(SYNTHETIC_CLASSES)
+    info = DatasetInfo("synthetic", num_classes, SYNTHETIC_CLASSES, voc_palette(num_classes))
+    return train, train, val, info, "the synthetic training pool"
+
+
+# ------------------------------------------------------------------------------------------------ the builder
+def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", crop_size=321, seed=0):
+    """(labeled, unlabeled, val, info) for `dataset`, with the split lists read from or written to
+    <splits_dir>/<dataset>/<split with "/" made "_">/{labeled,unlabeled}.txt: "1/16" -> "1_16", "1/8" -> "1_8",
+    "1/4" -> "1_4", "1/2" -> "1_2"; counts keep their name ("92", "1464", or "46" for folder / synthetic).
+    data_root is unused for synthetic. Raises DataError on any mistake in the flags, the layout or the lists."""
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset {dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
+    if dataset != "synthetic" and not data_root:
+        raise DataError(f"--data-root is required for --dataset {dataset}")
+    if dataset != "synthetic" and not os.path.isdir(data_root):
+        raise DataError(f"--data-root {data_root} is not a directory; expected the {dataset} dataset's root")
+    root = data_root or ""
+    candidates, unlabeled_pool, val, info, source = scan(dataset, root, split)
+    count = labeled_count(dataset, split, len(candidates))
+
+    directory = os.path.join(splits_dir, dataset, split.replace("/", "_"))
+    labeled_txt, unlabeled_txt = os.path.join(directory, "labeled.txt"), os.path.join(directory, "unlabeled.txt")
+    drawn = not (os.path.exists(labeled_txt) or os.path.exists(unlabeled_txt))
+    if drawn:
+        labeled, unlabeled = draw_split(candidates, unlabeled_pool, count, seed)
+        labeled_source = unlabeled_source = source
+    else:  # a list published by UniMatch or CPS, or drawn by an earlier run: read as given
+        labeled, unlabeled = read_split_file(labeled_txt, True), read_split_file(unlabeled_txt, False)
+        labeled_source, unlabeled_source = labeled_txt, unlabeled_txt
+
+    if dataset == "synthetic":
+        train = [synthetic_scene("train", i) for i in range(SYNTHETIC_TRAIN)]
+        labeled_scenes = [train[synthetic_index(image, labeled_source)] for image, _ in labeled]
+        unlabeled_scenes = [train[synthetic_index(image, unlabeled_source)] for image, _ in unlabeled]
+        val_scenes = [synthetic_scene("val", i) for i in range(SYNTHETIC_VAL)]
+    else:
+        labeled = [(image, find_mask(root, mask)) for image, mask in labeled]
+        val = [(image, find_mask(root, mask)) for image, mask in val]
+        require_files(root, labeled, labeled_source)
+        require_files(root, unlabeled, unlabeled_source, masks=False)
+        require_files(root, val, f"the {dataset} validation set")
+        labeled_scenes = unlabeled_scenes = val_scenes = None
+    if not labeled or not unlabeled:
+        raise DataError(f"split {split} of {dataset} leaves {len(labeled)} labeled and {len(unlabeled)} unlabeled "
+                        f"images; expected both to be non-empty")
+    if drawn:
+        write_split_file(labeled_txt, labeled)
+        write_split_file(unlabeled_txt, unlabeled)
+
+    files = lambda pairs: [(os.path.join(root, image), os.path.join(root, mask) if mask else None)
+                           for image, mask in pairs]
+    return (SemiDataset("labeled", files(labeled), info, crop_size, seed, labeled_scenes),
+            SemiDataset("unlabeled", [(image, None) for image, _ in files(unlabeled)], info, crop_size, seed,
+                        unlabeled_scenes),
+            SemiDataset("val", files(val), info, crop_size, seed, val_scenes),
+            info)
+
+
+def check_files(dataset):
+    """Open every file of a dataset once: images readable, masks readable, of their image's size, and holding
+    only 0..K-1 or 255. `python data.py` runs it; training checks each sample as it loads it instead."""
+    if dataset.scenes is not None:
+        return
+    for image_path, mask_path in tqdm(dataset.files, desc=f"checking {dataset.mode}", leave=False, disable=None):
+        if mask_path is None:
+            load_image(image_path)
+        else:
+            load_pair(image_path, mask_path, dataset.info.num_classes)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check a dataset, then draw (or read) its split lists.")
+    parser.add_argument("--dataset", default="synthetic", help=" | ".join(DATASETS))
+    parser.add_argument("--data-root", help="the dataset's folder (not needed for synthetic)")
+    parser.add_argument("--split", default="1/8", help="1/16 | 1/8 | 1/4 | 1/2, or a count (see data.py)")
+    parser.add_argument("--splits-dir", default="splits", help="where the split lists are read or written")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split draw")
+    args = parser.parse_args(argv)
+    directory = os.path.join(args.splits_dir, args.dataset, args.split.replace("/", "_"))
+    existed = os.path.exists(os.path.join(directory, "labeled.txt"))
+    try:
+        labeled, unlabeled, val, info = build_datasets(args.dataset, args.data_root, args.split, args.splits_dir,
+                                                       seed=args.seed)
+        for dataset in (labeled, unlabeled, val):
+            check_files(dataset)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(f"dataset: {info.name}, {info.num_classes} classes: {', '.join(info.class_names)}")
+    print(f"split {args.split}: {'read' if existed else f'drawn with seed {args.seed}, written to'} "
+          f"{os.path.join(directory, 'labeled.txt')} and unlabeled.txt")
+    print(f"labeled: {len(labeled)}")
+    print(f"unlabeled: {len(unlabeled)}")
+    print(f"val: {len(val)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -167,9 +167,13 @@ def load_student(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def one_line(error):
+    """A DataError's message; one raised in a DataLoader worker arrives wrapped in the worker's traceback text."""
+    return str(error).strip().splitlines()[-1].removeprefix("data.DataError: ")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a trained IGL-DT student, or segment a folder of images.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Evaluate a trained IGL-DT student, or segment a folder of images.")
     parser.add_argument("--checkpoint", required=True, help="best.pt or latest.pt written by train.py")
     parser.add_argument("--dataset", default=None, help="dataset to evaluate on (default: the checkpoint's)")
     parser.add_argument("--data-root", default=None, help="dataset directory (default: the checkpoint's)")
@@ -178,11 +182,13 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=int, default=None, help="sliding window size (default: the checkpoint's)")
     parser.add_argument("--stride", type=int, default=None, help="sliding stride (default: 2/3 of the window)")
     parser.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference")
-    parser.add_argument("--save-vis", default=None, help="write image | ground truth | prediction PNGs here")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inference (default: 1.0)")
+    parser.add_argument("--save-vis", default=None, help="write image | ground truth | prediction PNGs here; with --images, the predictions "
+                        "(default: predictions/)")
     parser.add_argument("--images", default=None, help="segment every image in this folder (no masks needed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
     return parser.parse_args(argv)
 
 
@@ -238,5 +244,5 @@ if __name__ == "__main__":
     try:
         main()
     except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

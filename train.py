@@ -11,7 +11,6 @@ import argparse
 import copy
 import itertools
 import json
-import math
 import os
 import resource
 import signal
@@ -27,31 +26,32 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from evaluate import build_student, denormalize, evaluate, predict, save_panel
+from evaluate import build_student, denormalize, evaluate, one_line, predict, save_panel
 from losses import (cps_loss, discrepancy_loss, global_context_loss, local_regional_loss, pseudo_label_loss,
                     sup_loss)
 from models import ResUNet, SwinUNet
 
 # The one place that maps --dataset to its defaults. VOC and Cityscapes follow the paper and the CPS / UniMatch
-# recipes (learning rates are for `batch_size` labeled + `batch_size` unlabeled images in total, and are scaled
-# linearly when --batch-size changes); `synthetic` and `folder` are sized for a 2-core CPU, from scratch.
+# recipes: ImageNet-pretrained networks, learning rates for `batch_size` labeled + `batch_size` unlabeled images
+# in total (scaled linearly when --batch-size changes).
+PAPER = dict(batch_size=8, backbone="resnet50", pretrained="imagenet", pretrained_swin="imagenet",
+             pretrained_res="imagenet", swin_dim=96, swin_depths=[2, 2, 6, 2], res_width=64, swin_lr=1e-4,
+             res_optimizer="sgd", lambda_cps=1.5, cps_rampup=0, ema_momentum=0.999, workers=4)
+# `synthetic` and `folder` are sized for a 2-core CPU, every network from scratch. Measured on the synthetic data
+# (see README): an EMA of 0.999 lags runs of a few hundred steps, so 0.99; AdamW trains the ResUNet from scratch
+# far faster than SGD; and CPS at 1.5 drags the faster-learning ResUNet down to the Swin-UNet, so 0.5, ramped up.
+CPU = dict(batch_size=4, backbone="resnet18", pretrained="none", pretrained_swin="none", pretrained_res="none",
+           swin_dim=48, swin_depths=[2, 2, 2, 2], res_width=32, lr=1e-2, head_lr_mult=1.0, swin_lr=2e-3,
+           res_optimizer="adamw", lambda_cps=0.5, ema_momentum=0.99, threshold=0.9, region=32, eval_mode="full",
+           eval_window=321, ohem=False, eval_every=3)
 DATASET_DEFAULTS = {
-    "voc": dict(crop_size=321, batch_size=8, teacher_epochs=20, student_epochs=60, lr=1e-3, head_lr_mult=10.0,
-                swin_lr=1e-4, threshold=0.95, backbone="resnet50", pretrained="imagenet", swin_dim=96,
-                swin_depths=[2, 2, 6, 2], res_width=64, region=32, eval_mode="full", eval_window=321, ohem=False,
-                eval_every=5, workers=4, ema_momentum=0.999, cps_rampup=0, res_optimizer="sgd"),
-    "cityscapes": dict(crop_size=801, batch_size=8, teacher_epochs=60, student_epochs=180, lr=5e-3,
-                       head_lr_mult=1.0, swin_lr=1e-4, threshold=0.0, backbone="resnet50", pretrained="imagenet",
-                       swin_dim=96, swin_depths=[2, 2, 6, 2], res_width=64, region=64, eval_mode="sliding",
-                       eval_window=801, ohem=True, eval_every=10, workers=4, ema_momentum=0.999, cps_rampup=0, res_optimizer="sgd"),
-    "folder": dict(crop_size=128, batch_size=4, teacher_epochs=3, student_epochs=6, lr=1e-2, head_lr_mult=1.0,
-                   swin_lr=2e-3, threshold=0.9, backbone="resnet18", pretrained="none", swin_dim=48,
-                   swin_depths=[2, 2, 2, 2], res_width=32, region=32, eval_mode="full", eval_window=321,
-                   ohem=False, eval_every=3, workers=2, ema_momentum=0.99, cps_rampup=2, res_optimizer="adamw"),
-    "synthetic": dict(crop_size=96, batch_size=4, teacher_epochs=4, student_epochs=6, lr=1e-2, head_lr_mult=1.0,
-                      swin_lr=2e-3, threshold=0.9, backbone="resnet18", pretrained="none", swin_dim=48,
-                      swin_depths=[2, 2, 2, 2], res_width=32, region=32, eval_mode="full", eval_window=321,
-                      ohem=False, eval_every=3, workers=0, ema_momentum=0.99, cps_rampup=2, res_optimizer="adamw"),
+    "voc": PAPER | dict(crop_size=321, teacher_epochs=20, student_epochs=60, lr=1e-3, head_lr_mult=10.0,
+                        threshold=0.95, region=32, eval_mode="full", eval_window=321, ohem=False, eval_every=5),
+    "cityscapes": PAPER | dict(crop_size=801, teacher_epochs=60, student_epochs=180, lr=5e-3, head_lr_mult=1.0,
+                               threshold=0.0, region=64, eval_mode="sliding", eval_window=801, ohem=True,
+                               eval_every=10),
+    "folder": CPU | dict(crop_size=128, teacher_epochs=3, student_epochs=6, cps_rampup=3, workers=2),
+    "synthetic": CPU | dict(crop_size=96, teacher_epochs=4, student_epochs=6, cps_rampup=4, workers=0),
 }
 
 
@@ -75,7 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--lambda-dis", type=float, default=0.5, help="discrepancy learning, 0 = off (default: 0.5)")
     g.add_argument("--lambda-glo", type=float, default=1.0, help="global context learning, 0 = off (default: 1)")
     g.add_argument("--lambda-loc", type=float, default=1.0, help="local regional learning, 0 = off (default: 1)")
-    g.add_argument("--lambda-cps", type=float, default=1.5, help="CPS between the teachers (default: 1.5)")
+    g.add_argument("--lambda-cps", type=float, help="CPS between the teachers (CPS's VOC value 1.5; from scratch, "
+                   "a teacher that learns slower drags the other down, so less on a CPU)" + per_dataset)
     g.add_argument("--cps-rampup", type=float, help="epochs over which CPS ramps up from 0" + per_dataset)
     g.add_argument("--threshold", type=float, help="confidence threshold of agreed pseudo-labels" + per_dataset)
     g.add_argument("--region", type=int, help="LRL region size in pixels" + per_dataset)
@@ -93,8 +94,8 @@ def parse_args(argv=None):
     g.add_argument("--output-stride", type=int, default=16, choices=[8, 16])
     g.add_argument("--pretrained", help="student backbone: imagenet | none | PATH to a torchvision state dict"
                    + per_dataset)
-    g.add_argument("--pretrained-swin", default="none", help="imagenet | none | PATH (torchvision swin_t)")
-    g.add_argument("--pretrained-res", default="none", help="imagenet | none | PATH (torchvision resnet34)")
+    g.add_argument("--pretrained-swin", help="imagenet | none | PATH (torchvision swin_t)" + per_dataset)
+    g.add_argument("--pretrained-res", help="imagenet | none | PATH (torchvision resnet34)" + per_dataset)
     g.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM supervised loss" + per_dataset)
     g.add_argument("--eval-mode", choices=["full", "sliding"], help=per_dataset)
     g.add_argument("--eval-window", type=int, help="sliding window size" + per_dataset)
@@ -131,6 +132,8 @@ def torchvision_weights(spec, arch):
 def build_networks(cfg):
     """Student S (DeepLabV3+), Swin-UNet teacher G and ResUNet teacher L as the config describes (None if unused)."""
     pretrained = {"imagenet": True, "none": False}.get(cfg["pretrained"], cfg["pretrained"])
+    if isinstance(pretrained, str) and not os.path.isfile(pretrained):
+        raise data.DataError(f"--pretrained {pretrained}: no such file (expected imagenet, none or a path)")
     student, swin, res = build_student(cfg, pretrained), None, None
     if cfg["teachers"] in ("swin", "both"):
         heads = tuple(max(1, cfg["swin_dim"] * 2 ** i // 32) for i in range(4))  # 32 channels a head, as Swin-T
@@ -449,8 +452,9 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
             for name, value in losses.items():  # running sums stay on the device: no sync per iteration
                 meters[name] = meters.get(name, 0.0) + value.detach().float()
             meters["count"] = meters.get("count", 0) + 1
-            if step % 10 == 0:
-                bar.set_postfix({k: f"{float(v) / meters['count']:.3f}" for k, v in meters.items() if k not in ("count", "seconds")})
+            if step % 10 == 0:  # reading the sums waits for the GPU, so not every iteration
+                bar.set_postfix({k: f"{float(v) / meters['count']:.3f}" for k, v in meters.items()
+                                 if k not in ("count", "seconds")}, refresh=False)
             signalled = torch.tensor(stop["signal"], device=device)
             if world > 1:  # every rank must stop at the same iteration
                 dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
@@ -532,7 +536,7 @@ def worker(rank, args, world, port):
         run(args)
     except data.DataError as error:
         if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -577,7 +581,7 @@ def main(argv=None):
     try:
         result = spawn(args) if args.gpus > 1 and "RANK" not in os.environ else run(args)
     except data.DataError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     if result.get("signal"):  # stopped by a signal with the state saved: exit as that signal asks
         sys.exit(128 + result["signal"])

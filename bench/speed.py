@@ -17,7 +17,8 @@ the B labeled ones, the rate at which an epoch goes by.
 Each kind runs in a fresh process, so its peak memory is its own: on CUDA, torch.cuda.max_memory_allocated over
 the timed steps (weights, optimiser state, activations); on the CPU, the growth of the maximum resident set size
 from just before the first step (activations, gradients, optimiser state: the weights are resident before).
-Every kind holds all three networks, as train.py does. Weights are random (--pretrained none): speed does not
+The supervised kind holds the student alone (train.py builds no teacher for --teachers none); the others
+hold all three networks. Weights are random (--pretrained none): speed does not
 depend on them. Prints one JSON object.
 """
 import argparse

@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 
@@ -149,6 +151,17 @@ def test_the_checkpoint_evaluated_by_the_cli_gives_the_logged_miou(tmp_path):
     out, args = run_tiny(tmp_path, "cli", "--teachers", "none")
     train.main(args)
     assert evaluate_cli(out / "best.pt") == round(read_log(out)[-1]["miou_student"], 2)
+
+    # --images: a trained student applied to a folder of plain pictures, any size, no masks.
+    photos, predictions = tmp_path / "photos", tmp_path / "predictions"
+    photos.mkdir()
+    for name, size in [("a.png", (70, 50)), ("b.jpg", (33, 41))]:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(photos / name)
+    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out / "best.pt"), "--device", "cpu",
+                             "--images", str(photos), "--save-vis", str(predictions)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: Image.open(p).size for p in predictions.iterdir()} == {"a.png": (70, 50), "b.png": (33, 41)}
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -455,10 +455,12 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
             if step % 10 == 0:  # reading the sums waits for the GPU, so not every iteration
                 bar.set_postfix({k: f"{float(v) / meters['count']:.3f}" for k, v in meters.items()
                                  if k not in ("count", "seconds")}, refresh=False)
-            signalled = torch.tensor(stop["signal"], device=device)
-            if world > 1:  # every rank must stop at the same iteration
-                dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
-            if signalled.item():
+            signalled = stop["signal"]
+            if world > 1:  # every rank must stop at the same iteration (one process needs no device sync)
+                flag = torch.tensor(signalled, device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signalled = int(flag.item())
+            if signalled:
                 meters["seconds"] = meters.get("seconds", 0.0) + time.time() - started
                 if is_main:
                     save_atomic(checkpoint_state(epoch, step + 1), latest)

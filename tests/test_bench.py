@@ -1,0 +1,49 @@
+"""The diagnosis script's pixel counts (bench/pseudo_labels.py), worked by hand on four pixels."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pseudo_labels():
+    spec = importlib.util.spec_from_file_location("pseudo_labels", os.path.join(REPO, "bench", "pseudo_labels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_count_pixels_by_hand(pseudo_labels):
+    # Four pixels in a row, three classes:
+    #   0: both say class 0 (mean confidence 0.85), truth 0            -> agreed, right
+    #   1: G says 1 at 0.8, L says 0 at 0.6, truth 1                    -> disputed, G surer, the choice is right
+    #   2: both say class 2 (mean confidence 0.7), truth 0              -> agreed, wrong
+    #   3: ignored (255)
+    g = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0]])
+    l = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.0, 1.0, 0.0]])
+    as_map = lambda p: p.T.reshape(1, 3, 1, 4)
+    mask = torch.tensor([[[0, 1, 0, 255]]])
+    counts, target, label_g, label_l = pseudo_labels.count_pixels(as_map(g), as_map(l), mask, [0.0, 0.8])
+    counts = {k: float(v) for k, v in counts.items()}
+    assert counts["valid"] == 3
+    assert (counts["agree"], counts["agree_right"]) == (2, 1)
+    assert (counts["pl@0.0"], counts["pl@0.0_right"]) == (2, 1)
+    assert (counts["pl@0.8"], counts["pl@0.8_right"]) == (1, 1)  # pixel 2 (0.7) falls below 0.8
+    assert counts["disputed"] == 1
+    assert (counts["disputed_swin_right"], counts["disputed_res_right"], counts["disputed_choice_right"]) == (1, 0, 1)
+    assert counts["disputed_weight"] == pytest.approx(0.8)
+    assert target[0, 0, :3].tolist() == [0, 1, 2]
+    assert label_g[0, 0].tolist() == [0, 1, 2, 0] and label_l[0, 0].tolist() == [0, 0, 2, 1]
+
+
+def test_count_pixels_follows_the_surer_teacher_either_way(pseudo_labels):
+    # One disputed pixel where L is the surer one: the choice is L's label.
+    g = torch.tensor([0.5, 0.3, 0.2]).reshape(1, 3, 1, 1)
+    l = torch.tensor([0.1, 0.9, 0.0]).reshape(1, 3, 1, 1)
+    counts, target, _, _ = pseudo_labels.count_pixels(g, l, torch.tensor([[[1]]]), [0.0])
+    assert target.item() == 1 and float(counts["disputed_choice_right"]) == 1
+    assert float(counts["disputed_res_right"]) == 1 and float(counts["disputed_swin_right"]) == 0
+    assert float(counts["disputed_weight"]) == pytest.approx(0.9)

@@ -28,6 +28,7 @@ sys.path.insert(0, REPO)
 import data  # noqa: E402
 import train  # noqa: E402
 from evaluate import confusion_matrix, iou_per_class, one_line  # noqa: E402
+from losses import dual_teacher_targets  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,25 +42,23 @@ def parse_args(argv=None):
 
 def count_pixels(probs_g, probs_l, mask, thresholds):
     """Pixel counts for one batch: teacher probabilities (B, K, H, W), ground truth (B, H, W) with 255 = ignore.
+    The targets are `losses.dual_teacher_targets`' own, so this measures exactly what the student is taught.
     Returns the counts, the combined target (agreed -> argmax of the mean, disputed -> the surer teacher's)
-    and each teacher's argmax, all following `losses.dual_teacher_targets`."""
-    valid = mask != data.IGNORE_INDEX
-    conf_g, label_g = probs_g.max(dim=1)
-    conf_l, label_l = probs_l.max(dim=1)
-    conf_mean, label_mean = ((probs_g + probs_l) / 2).max(dim=1)
-    agree, disputed = (label_g == label_l) & valid, (label_g != label_l) & valid
-    swin_surer = conf_g >= conf_l
-    choice = torch.where(swin_surer, label_g, label_l)
-    counts = {"valid": valid.sum(), "agree": agree.sum(), "agree_right": (agree & (label_mean == mask)).sum(),
-              "disputed": disputed.sum(), "disputed_swin_right": (disputed & (label_g == mask)).sum(),
-              "disputed_res_right": (disputed & (label_l == mask)).sum(),
-              "disputed_choice_right": (disputed & (choice == mask)).sum(),
-              "disputed_weight": (torch.where(swin_surer, conf_g, conf_l) * disputed).sum()}
+    and each teacher's argmax."""
+    ignore = mask == data.IGNORE_INDEX
+    label_g, label_l = probs_g.argmax(dim=1), probs_l.argmax(dim=1)
+    agreed, disputed, weight = dual_teacher_targets(probs_g, probs_l, ignore, threshold=0.0)
+    is_agreed, is_disputed = agreed != data.IGNORE_INDEX, disputed != data.IGNORE_INDEX
+    counts = {"valid": (~ignore).sum(), "agree": is_agreed.sum(), "agree_right": (is_agreed & (agreed == mask)).sum(),
+              "disputed": is_disputed.sum(), "disputed_swin_right": (is_disputed & (label_g == mask)).sum(),
+              "disputed_res_right": (is_disputed & (label_l == mask)).sum(),
+              "disputed_choice_right": (is_disputed & (disputed == mask)).sum(), "disputed_weight": weight.sum()}
     for t in thresholds:
-        kept = agree & (conf_mean >= t)
-        counts[f"pl@{t}"] = kept.sum()
-        counts[f"pl@{t}_right"] = (kept & (label_mean == mask)).sum()
-    return counts, torch.where(agree, label_mean, choice), label_g, label_l
+        kept, _, _ = dual_teacher_targets(probs_g, probs_l, ignore, threshold=t)
+        is_kept = kept != data.IGNORE_INDEX
+        counts[f"pl@{t}"] = is_kept.sum()
+        counts[f"pl@{t}_right"] = (is_kept & (kept == mask)).sum()
+    return counts, torch.where(is_agreed, agreed, disputed), label_g, label_l
 
 
 @torch.no_grad()
@@ -97,7 +96,9 @@ def main(argv=None):
         raise data.DataError(f"{listing} names no masks for its unlabeled images; nothing to measure against")
     files = [(os.path.join(root, image), os.path.join(root, mask)) for image, mask in pairs]
     files = files[:args.limit] if args.limit else files
-    trainer = train.Trainer(cfg | {"pretrained": "none"}, 0, 1, "cpu")
+    # The checkpoint holds every weight: build the networks without fetching pretrained ones.
+    trainer = train.Trainer(cfg | {"pretrained": "none", "pretrained_swin": "none", "pretrained_res": "none"},
+                            0, 1, "cpu")
     trainer.load_state_dict(checkpoint["trainer"])
     for model in (trainer.student, trainer.swin_ema, trainer.res_ema):
         model.eval()

@@ -388,6 +388,8 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
     iters = len(unlabeled_set) // cfg["batch_size"]
     if cfg["max_iters"]:
         iters = min(iters, cfg["max_iters"])
+    if cfg["student_epochs"] == 0 and (cfg["teachers"] == "none" or cfg["teacher_epochs"] == 0):
+        raise data.DataError("--student-epochs 0 leaves nothing to train (it needs teachers and --teacher-epochs > 0)")
     if iters == 0:
         raise data.DataError(f"--batch-size {cfg['batch_size']} exceeds the {len(unlabeled_set)} unlabeled images")
 
@@ -492,8 +494,11 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
     if is_main:
         final = next((json.loads(l) for l in reversed((out / "log.jsonl").read_text().splitlines())), {})
-        print(f"student mIoU: {final.get('miou_student', float('nan')):.2f} "
-              f"(best {best_miou:.2f}; checkpoints in {out})")
+        if "miou_student" in final:
+            print(f"student mIoU: {final['miou_student']:.2f} (best {best_miou:.2f}; checkpoints in {out})")
+        else:  # --student-epochs 0: the teachers alone were trained
+            print(", ".join(f"{name} mIoU: {final[f'miou_{name}']:.2f}" for name in ("swin", "res")
+                            if f"miou_{name}" in final) + f" (teachers only; checkpoints in {out})")
     return {"best_miou": best_miou}
 
 

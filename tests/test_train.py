@@ -164,8 +164,19 @@ def test_the_checkpoint_evaluated_by_the_cli_gives_the_logged_miou(tmp_path):
     assert {p.name: Image.open(p).size for p in predictions.iterdir()} == {"a.png": (70, 50), "b.png": (33, 41)}
 
 
+def test_student_epochs_0_trains_the_teachers_alone(tmp_path, capsys):
+    out, args = run_tiny(tmp_path, "teachers_only", "--student-epochs", "0")
+    train.main(args)
+    log = read_log(out)
+    assert [r["stage"] for r in log] == ["teachers"] and "miou_student" not in log[0]
+    assert not (out / "best.pt").exists()  # no student was trained, so there is no best student
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"swin mIoU: {log[0]['miou_swin']:.2f}, res mIoU: {log[0]['miou_res']:.2f}"), last
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--dataset", "folder", "--data-root", "/no/such/dir"], "/no/such/dir"),
+    (["--teachers", "none", "--student-epochs", "0"], "--student-epochs 0"),
     (["--resume", "--out", "/tmp/igl-dt-no-such-run"], "--resume"),
 ])
 def test_a_users_mistake_is_one_line_without_traceback(argv, expected):

@@ -1,4 +1,5 @@
-"""The diagnosis script's pixel counts (bench/pseudo_labels.py), worked by hand on four pixels."""
+"""The bench scripts' own logic: the diagnosis's pixel counts (bench/pseudo_labels.py), worked by hand on four
+pixels, and the dev set (bench/dev_set.py)."""
 import importlib.util
 import os
 
@@ -47,3 +48,31 @@ def test_count_pixels_follows_the_surer_teacher_either_way(pseudo_labels):
     assert target.item() == 1 and float(counts["disputed_choice_right"]) == 1
     assert float(counts["disputed_res_right"]) == 1 and float(counts["disputed_swin_right"]) == 0
     assert float(counts["disputed_weight"]) == pytest.approx(0.9)
+
+
+def test_the_dev_set_is_unlabeled_training_images_and_keeps_the_split(tmp_path):
+    import data
+    from test_data import make_folder  # tests/ is on the path: pytest puts a test file's folder there
+    spec = importlib.util.spec_from_file_location("dev_set", os.path.join(REPO, "bench", "dev_set.py"))
+    dev_set = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev_set)
+
+    make_folder(tmp_path / "real", train=16, val=4, unlabeled=3)
+    chosen = dev_set.make_dev_set(tmp_path / "real", tmp_path / "dev", split="1/4", seed=0, count=5)
+    real = data.build_datasets("folder", str(tmp_path / "real"), "1/4", str(tmp_path / "splits_real"), 32, 0)
+    dev = data.build_datasets("folder", str(tmp_path / "dev"), "1/4", str(tmp_path / "splits_dev"), 32, 0)
+    read = lambda root, name: (tmp_path / root / "folder" / "1_4" / name).read_text()
+    assert read("splits_real", "labeled.txt") == read("splits_dev", "labeled.txt")  # the same 4 labeled images
+    assert read("splits_real", "unlabeled.txt") == read("splits_dev", "unlabeled.txt")
+    labeled = {line.split()[0] for line in read("splits_real", "labeled.txt").splitlines()}
+    unlabeled = {line.split()[0] for line in read("splits_real", "unlabeled.txt").splitlines()}
+    assert len(chosen) == len(set(chosen)) == 5 and set(chosen) <= unlabeled and not set(chosen) & labeled
+    assert all(image.startswith("images/train/") for image in chosen)  # masked images, not images/unlabeled
+    assert len(dev[2]) == 5 and len(real[2]) == 4
+    for image in chosen:  # each dev val pair is the training image with its own mask
+        name = os.path.basename(image)
+        mask = os.path.splitext(name)[0] + ".png"
+        assert (tmp_path / "dev/images/val" / name).resolve() == (tmp_path / "real/images/train" / name).resolve()
+        assert (tmp_path / "dev/masks/val" / mask).resolve() == (tmp_path / "real/masks/train" / mask).resolve()
+    with pytest.raises(data.DataError, match="--count"):
+        dev_set.make_dev_set(tmp_path / "real", tmp_path / "dev2", split="1/4", seed=0, count=13)

@@ -174,6 +174,28 @@ def test_student_epochs_0_trains_the_teachers_alone(tmp_path, capsys):
     assert last.startswith(f"swin mIoU: {log[0]['miou_swin']:.2f}, res mIoU: {log[0]['miou_res']:.2f}"), last
 
 
+def test_frozen_teachers_end_stage_2_as_they_ended_stage_1(tmp_path):
+    teachers = lambda out: {k: v for k, v in torch.load(out / "latest.pt", weights_only=True)["trainer"].items()
+                            if k in ("swin", "res", "swin_ema", "res_ema")}
+    stage1, args = run_tiny(tmp_path, "stage1", "--student-epochs", "0")
+    train.main(args)
+    frozen, args = run_tiny(tmp_path, "frozen", "--freeze-teachers")
+    train.main(args)
+    assert_same_state(teachers(stage1), teachers(frozen))
+    iterative, args = run_tiny(tmp_path, "iterative", "--no-freeze-teachers")
+    train.main(args)
+    with pytest.raises(AssertionError):
+        assert_same_state(teachers(stage1), teachers(iterative))
+
+
+def test_freezing_the_teachers_is_a_per_dataset_default_that_a_flag_overrides():
+    root = ["--data-root", "DIR"]
+    assert train.parse_args(["--dataset", "folder", *root]).freeze_teachers is True
+    assert train.parse_args(["--dataset", "folder", *root, "--no-freeze-teachers"]).freeze_teachers is False
+    assert train.parse_args(["--dataset", "voc", *root]).freeze_teachers is False   # the paper's iterative scheme
+    assert train.parse_args(["--dataset", "voc", *root, "--freeze-teachers"]).freeze_teachers is True
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--dataset", "folder", "--data-root", "/no/such/dir"], "/no/such/dir"),
     (["--teachers", "none", "--student-epochs", "0"], "--student-epochs 0"),

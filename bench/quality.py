@@ -155,9 +155,9 @@ def own_keys(variant):
 def markdown(rows, records):
     reference = next((r for r in records if r["variant"] == "igl-dt"), records[0])
     cfg = reference["config"]
-    keys = ["split", "backbone", "pretrained", "crop_size", "batch_size", "teacher_epochs", "student_epochs", "lr",
-            "swin_lr", "swin_dim", "swin_depths", "res_width", "threshold", "region", "ema_momentum", "lambda_dis",
-            "lambda_glo", "lambda_loc", "lambda_cps", "amp", "max_iters"]
+    keys = ["split", "backbone", "pretrained", "crop_size", "batch_size", "teacher_epochs", "student_epochs",
+            "freeze_teachers", "lr", "swin_lr", "swin_dim", "swin_depths", "res_width", "threshold", "region",
+            "ema_momentum", "lambda_dis", "lambda_glo", "lambda_loc", "lambda_cps", "amp", "max_iters"]
     lines = [f"# IGL-DT against supervised training on {cfg['data_root']}", "",
              "Configuration (the same for every variant but its own flag; each run's full config is in "
              "records.jsonl): " + ", ".join(f"{key} {cfg.get(key)}" for key in keys) + ".", "",

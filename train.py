@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--splits-dir", default="splits", help="where split lists are read from or written to")
     p.add_argument("--out", help="run directory (default: runs/<dataset>_<split>_<teachers>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest.pt")
+    p.add_argument("--teachers-from", metavar="RUN", help="skip stage 1: start stage 2 with the teachers of RUN, a "
+                   "run directory past stage 1 with the same settings but the student's losses and epochs; gives "
+                   "exactly the run a start from scratch would (to try student losses on one pair of teachers)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("method")
     g.add_argument("--teachers", default="both", choices=["both", "swin", "res", "none"],
@@ -411,9 +414,14 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
         trainer.load_state_dict(checkpoint["trainer"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
         best_miou, meters = checkpoint["best_miou"], checkpoint["meters"]
+    elif cfg["teachers_from"]:
+        stage1_log = adopt_teachers(trainer, cfg, cfg["teachers_from"])
+        start_epoch = teacher_epochs
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        if checkpoint is None and cfg["teachers_from"]:  # the log reads as a straight run's: stage 1, then ours
+            (out / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in stage1_log))
         print(f"{cfg['dataset']} {cfg['split']}: {len(labeled_set)} labeled, {len(unlabeled_set)} unlabeled, "
               f"{len(val_set)} val; {iters} iterations per epoch; teachers: {cfg['teachers']}; "
               f"{world} process(es) on {args.device}, amp {cfg['amp']}; writing to {out}")
@@ -507,6 +515,46 @@ def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
             print(", ".join(f"{name} mIoU: {final[f'miou_{name}']:.2f}" for name in ("swin", "res")
                             if f"miou_{name}" in final) + f" (teachers only; checkpoints in {out})")
     return {"best_miou": best_miou}
+
+
+# What stage 1 does not depend on: the student's losses and schedule (its epochs too, when the teachers are frozen
+# in stage 2; otherwise their learning-rate schedule spans both stages), evaluation, workers, where to write.
+# The student's architecture is compared all the same: it is built first from the seed, so it shapes the
+# teachers' initial weights.
+NOT_STAGE_1 = {"out", "teachers_from", "lambda_u", "lambda_dis", "lambda_glo", "lambda_loc", "threshold", "region",
+               "ohem", "pretrained", "eval_every", "eval_mode", "eval_window", "workers"}
+
+
+def adopt_teachers(trainer, cfg, run_dir):
+    """--teachers-from: load into `trainer` the teachers (weights, EMA copies, optimisers) that `run_dir` had at the
+    end of stage 1, after checking that its stage 1 is the one this run would train. Returns its stage-1 log."""
+    source = Path(run_dir) / "latest.pt"
+    if not source.is_file():
+        raise data.DataError(f"--teachers-from {run_dir}: no latest.pt there (expected a run directory)")
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    theirs = state["config"]
+    if cfg["teachers"] == "none" or cfg["teacher_epochs"] == 0:
+        raise data.DataError("--teachers-from needs teachers (--teachers both|swin|res and --teacher-epochs > 0)")
+    ignored = NOT_STAGE_1 | ({"student_epochs"} if cfg["freeze_teachers"] else set())
+    for key in sorted(set(cfg) | set(theirs)):
+        if key not in ignored and cfg.get(key) != theirs.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise data.DataError(f"--teachers-from {run_dir}: its stage 1 had {flag} {theirs.get(key)}, this run "
+                                 f"{cfg.get(key)}; expected the same (only the student's losses and epochs may differ)")
+    finished = state["epoch"] > cfg["teacher_epochs"] or (state["epoch"] == cfg["teacher_epochs"] and state["step"] == 0)
+    if not finished:
+        raise data.DataError(f"--teachers-from {run_dir}: its stage 1 is not over (epoch {state['epoch']} of "
+                             f"{cfg['teacher_epochs']}); finish it with --resume first")
+    if not cfg["freeze_teachers"] and state["epoch"] != cfg["teacher_epochs"]:
+        raise data.DataError(f"--teachers-from {run_dir}: its teachers trained on in stage 2, so they are no longer "
+                             "those of the end of stage 1 (it would work with --freeze-teachers)")
+    for name in ("swin", "res", "swin_ema", "res_ema", "opt_swin", "opt_res", "scaler_teachers"):
+        if name in state["trainer"]:
+            getattr(trainer, name).load_state_dict(state["trainer"][name])
+    trainer.steps["teachers"] = state["trainer"]["steps"]["teachers"]
+    log = Path(run_dir) / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return [record for record in records if record["stage"] == "teachers"]
 
 
 @torch.no_grad()

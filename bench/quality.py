@@ -17,6 +17,10 @@ lists the values used), changed for every variant alike by the train.py flags gi
 
 Every run shares one labeled split, drawn once with seed 0 into OUT/splits; a seed changes the initial weights
 and the sample order. A run is `python train.py ...` in a child process, writing OUT/runs/<variant>_s<seed>/.
+no-gcl, no-lrl and no-dl train the same teachers as igl-dt (they change only the student's losses), so once
+igl-dt's run of their seed is recorded they start from its teachers (train.py --teachers-from), which gives
+exactly the run a start from scratch would, without its stage 1; their wall time then leaves stage 1 out
+(`teachers_from` in the record), while train_s still counts it, from the stage-1 log they take over.
 The headline is the last epoch's student mIoU (miou_last); the best over the epochs (miou_best, train.py's
 best.pt) is chosen on the val set itself, so it is recorded beside it, not instead. Per-class IoU is that of
 the last student (latest.pt).
@@ -48,7 +52,9 @@ import evaluate  # noqa: E402
 VARIANTS = {"supervised": ["--teachers", "none"], "igl-dt": [], "no-gcl": ["--lambda-glo", "0"],
             "no-lrl": ["--lambda-loc", "0"], "no-dl": ["--lambda-dis", "0"], "swin-only": ["--teachers", "swin"],
             "res-only": ["--teachers", "res"]}
-SET_HERE = {"--dataset", "--data-root", "--split", "--splits-dir", "--out", "--seed", "--teachers", "--resume"}
+SET_HERE = {"--dataset", "--data-root", "--split", "--splits-dir", "--out", "--seed", "--teachers", "--resume",
+            "--teachers-from"}
+SAME_TEACHERS_AS_IGL_DT = {"no-gcl", "no-lrl", "no-dl"}
 
 
 def parse_args(argv):
@@ -64,6 +70,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=["cuda", "cpu"], help="(default: train.py's, cuda when there is one)")
     p.add_argument("--force", action="store_true", help="run again the runs that already have a record")
     args = p.parse_args(own)
+    args.variants = sorted(set(args.variants), key=list(VARIANTS).index)  # igl-dt before the runs sharing its teachers
     clash = SET_HERE & {flag.split("=")[0] for flag in train_flags}
     if clash:
         p.error(f"{', '.join(sorted(clash))} after --: set by this script (use its own flags)")
@@ -71,12 +78,13 @@ def parse_args(argv):
     return args
 
 
-def train_args(args, variant, seed):
+def train_args(args, variant, seed, teachers_from=None):
     """train.py's arguments for one run: the shared settings, the flags after --, then the variant's own."""
     device = ["--device", args.device] if args.device else []
+    adopt = ["--teachers-from", teachers_from] if teachers_from else []
     return ["--dataset", "folder", "--data-root", args.data_root, "--split", args.split,
             "--splits-dir", f"{args.out}/splits", "--out", f"{args.out}/runs/{variant}_s{seed}", "--seed", str(seed),
-            *device, *args.train_flags, *VARIANTS[variant]]
+            *device, *args.train_flags, *VARIANTS[variant], *adopt]
 
 
 def run_training(arguments, run_dir):
@@ -140,7 +148,8 @@ def summarize(records):
                      "miou_last_std": round(statistics.stdev(last), 2) if len(last) > 1 else None,
                      "miou_best_mean": round(statistics.mean(r["miou_best"] for r in runs), 2),
                      "wall_min_mean": round(statistics.mean(r["wall_s"] for r in runs) / 60, 1),
-                     "images_per_s_mean": round(statistics.mean(r["images_per_s"]["all"] for r in runs), 2)})
+                     "images_per_s_mean": round(statistics.mean(r["images_per_s"]["all"] for r in runs), 2),
+                     "teachers_shared": any(r.get("teachers_from") for r in runs)})
     base = next((row["miou_last_mean"] for row in rows if row["variant"] == "supervised"), None)
     for row in rows:
         row["delta_vs_supervised"] = None if base is None else round(row["miou_last_mean"] - base, 2)
@@ -149,7 +158,7 @@ def summarize(records):
 
 def own_keys(variant):
     """The config keys a variant sets itself (and those that differ for every run)."""
-    return {flag[2:].replace("-", "_") for flag in VARIANTS[variant][::2]} | {"out", "seed"}
+    return {flag[2:].replace("-", "_") for flag in VARIANTS[variant][::2]} | {"out", "seed", "teachers_from"}
 
 
 def markdown(rows, records):
@@ -173,7 +182,11 @@ def markdown(rows, records):
         delta = "" if row["delta_vs_supervised"] is None else f"{row['delta_vs_supervised']:+.2f}"
         lines.append(f"| {row['variant']} | {len(row['seeds'])} | {', '.join(f'{m:.2f}' for m in row['miou_last'])} "
                      f"| {row['miou_last_mean']:.2f}{spread} | {delta} | {row['miou_best_mean']:.2f} "
-                     f"| {row['wall_min_mean']:.1f} | {row['images_per_s_mean']:.1f} |")
+                     f"| {row['wall_min_mean']:.1f}{'*' if row['teachers_shared'] else ''} "
+                     f"| {row['images_per_s_mean']:.1f} |")
+    if any(row["teachers_shared"] for row in rows):
+        lines += ["", "*: started from the teachers of igl-dt's run of the same seed (train.py --teachers-from, the "
+                  "same result as a start from scratch): the wall time leaves out stage 1."]
     return "\n".join(lines) + "\n"
 
 
@@ -195,12 +208,15 @@ def main(argv=None):
         if records_path.is_file() else {}
     for seed in args.seeds:
         for variant in args.variants:
-            arguments = train_args(args, variant, seed)
+            teachers = out / "runs" / f"igl-dt_s{seed}"
+            shared = variant in SAME_TEACHERS_AS_IGL_DT and ("igl-dt", seed) in records and teachers.is_dir()
+            arguments = train_args(args, variant, seed, str(teachers) if shared else None)
             command = shlex.join(["python", "train.py", *arguments])
+            from_scratch = shlex.join(["python", "train.py", *train_args(args, variant, seed)])  # the same run
             run_dir = out / "runs" / f"{variant}_s{seed}"
             done = records.get((variant, seed))
             if done and not args.force:
-                if done["command"] != command:
+                if done["command"] not in (command, from_scratch):
                     sys.exit(f"error: {records_path} holds {variant} seed {seed} made by another command:\n  "
                              f"{done['command']}\nuse another --out, or --force to run it again")
                 print(f"{variant} seed {seed}: recorded, skipped")
@@ -211,6 +227,7 @@ def main(argv=None):
             wall_s, resumed = run_training(arguments, run_dir)
             records[variant, seed] = {"variant": variant, "seed": seed} | read_run(run_dir, device) | {
                 "wall_s": round(wall_s, 1), "resumed": resumed,  # resumed: wall_s covers this invocation alone
+                "teachers_from": str(teachers) if shared else None,  # then wall_s leaves stage 1 out
                 "command": command,
                 "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                             "cpus": os.cpu_count(), "torch": torch.__version__}}

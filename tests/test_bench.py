@@ -1,6 +1,7 @@
 """The bench scripts' own logic: the diagnosis's pixel counts (bench/pseudo_labels.py), worked by hand on four
-pixels, and the dev set (bench/dev_set.py)."""
+pixels, the dev set (bench/dev_set.py), and the quality benchmark's shared teachers (bench/quality.py)."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -76,3 +77,28 @@ def test_the_dev_set_is_unlabeled_training_images_and_keeps_the_split(tmp_path):
         assert (tmp_path / "dev/masks/val" / mask).resolve() == (tmp_path / "real/masks/train" / mask).resolve()
     with pytest.raises(data.DataError, match="--count"):
         dev_set.make_dev_set(tmp_path / "real", tmp_path / "dev2", split="1/4", seed=0, count=13)
+
+
+def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(tmp_path):
+    from test_data import make_folder
+    spec = importlib.util.spec_from_file_location("quality", os.path.join(REPO, "bench", "quality.py"))
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    make_folder(tmp_path / "real", train=16, val=4, unlabeled=3)
+    tiny = ["--teacher-epochs", "1", "--student-epochs", "1", "--max-iters", "2", "--batch-size", "2",
+            "--crop-size", "32", "--swin-dim", "12", "--swin-depths", "1", "1", "1", "1", "--res-width", "8",
+            "--workers", "0", "--eval-every", "1"]
+    bench = lambda out, *variants: quality.main(["--data-root", str(tmp_path / "real"), "--split", "1/4",
+                                                  "--device", "cpu", "--out", str(tmp_path / out),
+                                                  "--variants", *variants, "--", *tiny])
+    read = lambda out: {r["variant"]: r for r in map(json.loads, (tmp_path / out / "records.jsonl").open())}
+    bench("shared", "no-gcl", "igl-dt")  # given in this order, igl-dt still runs first
+    bench("scratch", "no-gcl")
+    shared, scratch = read("shared"), read("scratch")
+    assert shared["no-gcl"]["teachers_from"] == str(tmp_path / "shared" / "runs" / "igl-dt_s0")
+    assert "--teachers-from" in shared["no-gcl"]["command"] and scratch["no-gcl"]["teachers_from"] is None
+    for key in ("miou_last", "miou_teachers_last", "iou_per_class"):
+        assert shared["no-gcl"][key] == scratch["no-gcl"][key], key
+    assert shared["igl-dt"]["miou_teachers_last"] == shared["no-gcl"]["miou_teachers_last"]
+    assert "*: started from the teachers of igl-dt" in (tmp_path / "shared" / "summary.md").read_text()
+    bench("shared", "no-gcl", "igl-dt")  # run again: both recorded, so skipped, not refused as another command

@@ -188,6 +188,53 @@ def test_frozen_teachers_end_stage_2_as_they_ended_stage_1(tmp_path):
         assert_same_state(teachers(stage1), teachers(iterative))
 
 
+def test_teachers_from_gives_the_run_a_start_from_scratch_gives(tmp_path):
+    frozen = ["--freeze-teachers"]
+    teachers, args = run_tiny(tmp_path, "teachers", *frozen, "--student-epochs", "0")  # stage 1 alone, trained once
+    train.main(args)
+    scratch, args = run_tiny(tmp_path, "scratch", *frozen, "--lambda-glo", "0")
+    train.main(args)
+    adopted, args = run_tiny(tmp_path, "adopted", *frozen, "--lambda-glo", "0", "--teachers-from", str(teachers))
+    train.main(args)
+    a = torch.load(scratch / "latest.pt", weights_only=True)
+    b = torch.load(adopted / "latest.pt", weights_only=True)
+    assert_same_state(a["trainer"], b["trainer"], "trainer")
+    keys = lambda record: {k: v for k, v in record.items() if k.startswith(("stage", "loss_", "miou_", "lr_"))}
+    assert [keys(r) for r in read_log(scratch)] == [keys(r) for r in read_log(adopted)]  # stage 1's record too
+    other, args = run_tiny(tmp_path, "other", *frozen, "--lambda-glo", "0", "--seed", "1")
+    train.main(args)  # and the check has teeth: another seed's student ends elsewhere
+    with pytest.raises(AssertionError):
+        assert_same_state(a["trainer"]["student"], torch.load(other / "latest.pt", weights_only=True)["trainer"]["student"])
+
+
+@pytest.fixture(scope="module")
+def trained_teachers(tmp_path_factory):
+    """A tiny stage 1 alone, teachers frozen: (its base directory, its run directory)."""
+    tmp_path = tmp_path_factory.mktemp("teachers")
+    teachers, args = run_tiny(tmp_path, "teachers", "--freeze-teachers", "--student-epochs", "0")
+    train.main(args)
+    return tmp_path, teachers
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--freeze-teachers", "--lambda-cps", "0.1"], "--lambda-cps 0.5, this run 0.1"),
+    (["--freeze-teachers", "--res-width", "4"], "--res-width"),
+    (["--no-freeze-teachers"], "--freeze-teachers"),  # co-training: the teachers' schedule spans both stages
+    (["--freeze-teachers", "--teachers", "none"], "needs teachers"),
+])
+def test_teachers_from_refuses_teachers_this_run_would_not_train(trained_teachers, capsys, extra, expected):
+    tmp_path, teachers = trained_teachers
+    _, args = run_tiny(tmp_path, "student", "--teachers-from", str(teachers), *extra)
+    with pytest.raises(SystemExit) as exited:
+        train.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    _, args = run_tiny(tmp_path, "student2", "--teachers-from", str(tmp_path / "no-such-run"))
+    with pytest.raises(SystemExit):
+        train.main(args)
+    assert "no latest.pt there" in capsys.readouterr().err
+
+
 def test_freezing_the_teachers_is_a_per_dataset_default_that_a_flag_overrides():
     root = ["--data-root", "DIR"]
     assert train.parse_args(["--dataset", "folder", *root]).freeze_teachers is True

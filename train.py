@@ -8,6 +8,7 @@
 Everything the method does in one iteration is in `teacher_step` and `student_step`, in the paper's order.
 """
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -17,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import torch
@@ -130,13 +132,25 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def torchvision_weights(spec, arch):
+@contextlib.contextmanager
+def imagenet_download(flag, arch):
+    """A failed download of torchvision's ImageNet weights (no internet, say) as a one-line error."""
+    try:
+        yield
+    except urllib.error.URLError as error:
+        raise data.DataError(f"{flag} imagenet: could not download torchvision's {arch} weights ({error.reason}); "
+                             f"fetch them once where there is internet (torch keeps them in "
+                             f"{torch.hub.get_dir()}/checkpoints), or give {flag} a PATH to a state dict, or none")
+
+
+def torchvision_weights(spec, arch, flag):
     """A torchvision state dict: 'imagenet' through the weights API, or a file saved with torch.save."""
     import torchvision
     if spec == "imagenet":
-        return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+        with imagenet_download(flag, arch):
+            return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
     if not os.path.isfile(spec):
-        raise data.DataError(f"pretrained weights {spec}: no such file (expected imagenet, none or a path)")
+        raise data.DataError(f"{flag} {spec}: no such file (expected imagenet, none or a path)")
     return torch.load(spec, map_location="cpu", weights_only=True)
 
 
@@ -145,18 +159,19 @@ def build_networks(cfg):
     pretrained = {"imagenet": True, "none": False}.get(cfg["pretrained"], cfg["pretrained"])
     if isinstance(pretrained, str) and not os.path.isfile(pretrained):
         raise data.DataError(f"--pretrained {pretrained}: no such file (expected imagenet, none or a path)")
-    student, swin, res = build_student(cfg, pretrained), None, None
+    with imagenet_download("--pretrained", cfg["backbone"]):
+        student, swin, res = build_student(cfg, pretrained), None, None
     if cfg["teachers"] in ("swin", "both"):
         heads = tuple(max(1, cfg["swin_dim"] * 2 ** i // 32) for i in range(4))  # 32 channels a head, as Swin-T
         swin = SwinUNet(cfg["num_classes"], embed_dim=cfg["swin_dim"], depths=tuple(cfg["swin_depths"]),
                         num_heads=heads)
         if cfg["pretrained_swin"] != "none":
-            swin.load_torchvision_swin(torchvision_weights(cfg["pretrained_swin"], "swin_t"))
+            swin.load_torchvision_swin(torchvision_weights(cfg["pretrained_swin"], "swin_t", "--pretrained-swin"))
     if cfg["teachers"] in ("res", "both"):
         w = cfg["res_width"]
         res = ResUNet(cfg["num_classes"], widths=(w, 2 * w, 4 * w, 8 * w))
         if cfg["pretrained_res"] != "none":
-            res.load_torchvision_resnet(torchvision_weights(cfg["pretrained_res"], "resnet34"))
+            res.load_torchvision_resnet(torchvision_weights(cfg["pretrained_res"], "resnet34", "--pretrained-res"))
     return student, swin, res
 
 

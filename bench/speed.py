@@ -18,8 +18,8 @@ Each kind runs in a fresh process, so its peak memory is its own: on CUDA, torch
 the timed steps (weights, optimiser state, activations); on the CPU, the growth of the maximum resident set size
 from just before the first step (activations, gradients, optimiser state: the weights are resident before).
 The supervised kind holds the student alone (train.py builds no teacher for --teachers none); the others
-hold all three networks. Weights are random (--pretrained none): speed does not
-depend on them. Prints one JSON object.
+hold all three networks. Weights are random (--pretrained, --pretrained-swin and --pretrained-res none): speed
+does not depend on them, and nothing is downloaded. Prints one JSON object.
 """
 import argparse
 import json
@@ -64,7 +64,8 @@ def parse_args(argv):
 
 def trainer_config(args, teachers):
     """The config train.py would build from these flags: its parse_args, then the dataset's facts."""
-    argv = ["--dataset", args.dataset, "--device", args.device, "--teachers", teachers, "--pretrained", "none"]
+    argv = ["--dataset", args.dataset, "--device", args.device, "--teachers", teachers, "--pretrained", "none",
+            "--pretrained-swin", "none", "--pretrained-res", "none"]  # random weights: nothing to download
     for flag, value in [("--crop-size", args.crop), ("--batch-size", args.batch), ("--backbone", args.backbone),
                         ("--swin-dim", args.swin_dim), ("--res-width", args.res_width), ("--amp", args.amp)]:
         if value is not None:

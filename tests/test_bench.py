@@ -1,5 +1,6 @@
 """The bench scripts' own logic: the diagnosis's pixel counts (bench/pseudo_labels.py), worked by hand on four
-pixels, the dev set (bench/dev_set.py), and the quality benchmark's shared teachers (bench/quality.py)."""
+pixels, the dev set (bench/dev_set.py), the quality benchmark's shared teachers (bench/quality.py) and the
+speed benchmark's random weights (bench/speed.py)."""
 import importlib.util
 import json
 import os
@@ -102,3 +103,14 @@ def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(
     assert shared["igl-dt"]["miou_teachers_last"] == shared["no-gcl"]["miou_teachers_last"]
     assert "*: started from the teachers of igl-dt" in (tmp_path / "shared" / "summary.md").read_text()
     bench("shared", "no-gcl", "igl-dt")  # run again: both recorded, so skipped, not refused as another command
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes", "folder", "synthetic"])
+def test_the_speed_benchmark_builds_every_network_from_random_weights(dataset):
+    # The paper's datasets default to ImageNet weights; a GPU machine without internet must still measure them.
+    spec = importlib.util.spec_from_file_location("speed", os.path.join(REPO, "bench", "speed.py"))
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    cfg = speed.trainer_config(speed.parse_args(["--dataset", dataset, "--device", "cpu"]), "both")
+    assert (cfg["pretrained"], cfg["pretrained_swin"], cfg["pretrained_res"]) == ("none", "none", "none")
+    assert cfg["dataset"] == dataset and cfg["batch_size"] > 0

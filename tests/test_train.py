@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,17 @@ def test_a_users_mistake_is_one_line_without_traceback(argv, expected):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--pretrained", "--pretrained-swin", "--pretrained-res"])
+def test_imagenet_weights_that_cannot_be_downloaded_are_a_one_line_error(tmp_path, monkeypatch, capsys, flag):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network here")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: torch must download
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    _, args = run_tiny(tmp_path, "run", flag, "imagenet")
+    with pytest.raises(SystemExit) as exited:
+        train.main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {flag} imagenet: could not download") and "no network here" in lines[0]

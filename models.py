@@ -10,6 +10,8 @@ shows that the code here is the published architecture. DeepLabV3Plus uses torch
 Inside the Swin-UNet, tensors are channels-last, (B, H, W, C), like torchvision's Swin: every Linear and
 LayerNorm then acts on the last axis. ``encode`` and the outputs are (B, C, H, W) like every other network.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -35,6 +37,7 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], size: tuple[i
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
+@functools.lru_cache(maxsize=64)  # a constant of the window: built once per window and device, never modified
 def relative_position_index(window: tuple[int, int], table_window: int, device=None) -> torch.Tensor:
     """(N, N), N = wh * ww: for each (query, key) pair of a window, the row of their offset in the bias table.
 
@@ -49,6 +52,7 @@ def relative_position_index(window: tuple[int, int], table_window: int, device=N
     return dy * (2 * table_window - 1) + dx
 
 
+@functools.lru_cache(maxsize=64)  # likewise, once per map size, window, shift and device
 def shifted_window_mask(size, window, shift, device=None) -> torch.Tensor:
     """Additive attention mask (num_windows, N, N) for SW-MSA on a map of ``size`` rolled by ``-shift``.
 
@@ -95,14 +99,20 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
 
         windows = window_partition(x, window)  # B, nW, N, C
-        qkv = self.qkv(windows).unflatten(-1, (3, self.num_heads, C // self.num_heads))  # B, nW, N, 3, heads, d
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each B, nW, heads, N, d
+        nW, N = windows.shape[1:3]
+        # Windows are the batch of attention: 4-D (B * nW, heads, N, d) inputs, the shape SDPA's fused GPU kernels
+        # take (a 5-D call falls back to explicit matrix products).
+        qkv = self.qkv(windows.flatten(0, 1)).unflatten(-1, (3, self.num_heads, C // self.num_heads))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B * nW, heads, N, d
         index = relative_position_index(window, self.window_size, x.device)
         mask = self.relative_position_bias_table[index].permute(2, 0, 1)  # heads, N, N
-        if any(shift):
+        if any(shift):  # each window has its own mask: one per window of every image
             mask = mask + shifted_window_mask(size, window, shift, x.device)[:, None]  # nW, heads, N, N
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # B, nW, heads, N, d
-        out = self.proj(out.transpose(2, 3).flatten(-2))  # B, nW, N, C
+            mask = mask.to(q.dtype).expand(B, nW, -1, N, N).flatten(0, 1)  # B * nW, heads, N, N
+        else:
+            mask = mask.to(q.dtype)[None]  # the same for every window
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # B * nW, heads, N, d
+        out = self.proj(out.transpose(1, 2).flatten(-2)).unflatten(0, (B, nW))  # B, nW, N, C
 
         x = window_reverse(out, window, size)
         if any(shift):

@@ -44,7 +44,8 @@ PAPER = dict(batch_size=8, backbone="resnet50", pretrained="imagenet", pretraine
 # far faster than SGD; and CPS at 1.5 drags the faster-learning ResUNet down to the Swin-UNet, so 0.5, ramped up.
 # On CamVid (`folder`, see README Results) the student is only as good as its teachers: 20 epochs of stage 1
 # instead of 3 raise the ResUNet teacher at the end of stage 1 from about 20 to about 40 val mIoU, and the
-# student's gain over supervised from +2.6 to +3.9 on val (2 seeds; +1.9 on the dev set); the teachers are then
+# student's gain over supervised from +2.6 to +3.9 on val (2 seeds; +1.9 on the dev set; +5.7 and +3.0 in a rerun
+# after a change of float rounding: one run's val figure moves by about 5 points); the teachers are then
 # frozen in stage 2, which makes it 1.7x faster and keeps a full two-seed comparison near an hour. With 26
 # student epochs for both students the gain is +3.3 on val (+0.8 on dev); 10 teacher epochs gain nothing.
 CPU = dict(batch_size=4, backbone="resnet18", pretrained="none", pretrained_swin="none", pretrained_res="none",

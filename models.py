@@ -485,12 +485,15 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
 
 
-def load_resnet_state_dict(pretrained, arch: str) -> dict:
-    """torchvision-format ResNet weights: ImageNet through torchvision's weights API (``pretrained=True``, downloads
-    the arch's DEFAULT weights) or a local file (``pretrained="path.pth"``, loaded with weights_only=True)."""
-    if pretrained is True:
+def torchvision_state_dict(weights, arch: str) -> dict:
+    """A torchvision model's state dict: ImageNet through torchvision's weights API (``weights=True`` downloads the
+    arch's DEFAULT weights), a local file (``weights="path.pth"``, loaded with weights_only=True), or a state dict
+    already loaded (returned as is)."""
+    if weights is True:
         return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
-    return torch.load(pretrained, map_location="cpu", weights_only=True)
+    if isinstance(weights, dict):
+        return weights
+    return torch.load(weights, map_location="cpu", weights_only=True)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -514,7 +517,7 @@ class DeepLabV3Plus(nn.Module):
         low_ch = high_ch // 8  # layer1's channels
         del trunk.avgpool, trunk.fc  # the classification head is not used (and would get no gradient)
         if pretrained:
-            weights = load_resnet_state_dict(pretrained, backbone)
+            weights = torchvision_state_dict(pretrained, backbone)
             trunk.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")})
         if output_stride == 16:
             dilate_layer(trunk.layer4, dilation=2, previous_dilation=1)

@@ -8,7 +8,6 @@
 Everything the method does in one iteration is in `teacher_step` and `student_step`, in the paper's order.
 """
 import argparse
-import contextlib
 import copy
 import itertools
 import json
@@ -31,7 +30,7 @@ import data
 from evaluate import build_student, denormalize, evaluate, one_line, predict, save_panel
 from losses import (cps_loss, discrepancy_loss, global_context_loss, local_regional_loss, pseudo_label_loss,
                     sup_loss)
-from models import ResUNet, SwinUNet
+from models import ResUNet, SwinUNet, torchvision_state_dict
 
 # The one place that maps --dataset to its defaults. VOC and Cityscapes follow the paper and the CPS / UniMatch
 # recipes: ImageNet-pretrained networks, learning rates for `batch_size` labeled + `batch_size` unlabeled images
@@ -133,46 +132,35 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def imagenet_download(flag, arch):
-    """A failed download of torchvision's ImageNet weights (no internet, say) as a one-line error."""
+def torchvision_weights(spec, arch, flag):
+    """The state dict that `flag` names: 'imagenet' (downloaded through torchvision's weights API) or a file saved
+    with torch.save. A missing file or a failed download (no internet, say) is a one-line error."""
+    if spec != "imagenet" and not os.path.isfile(spec):
+        raise data.DataError(f"{flag} {spec}: no such file (expected imagenet, none or a path)")
     try:
-        yield
+        return torchvision_state_dict(True if spec == "imagenet" else spec, arch)
     except urllib.error.URLError as error:
         raise data.DataError(f"{flag} imagenet: could not download torchvision's {arch} weights ({error.reason}); "
                              f"fetch them once where there is internet (torch keeps them in "
                              f"{torch.hub.get_dir()}/checkpoints), or give {flag} a PATH to a state dict, or none")
 
 
-def torchvision_weights(spec, arch, flag):
-    """A torchvision state dict: 'imagenet' through the weights API, or a file saved with torch.save."""
-    import torchvision
-    if spec == "imagenet":
-        with imagenet_download(flag, arch):
-            return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
-    if not os.path.isfile(spec):
-        raise data.DataError(f"{flag} {spec}: no such file (expected imagenet, none or a path)")
-    return torch.load(spec, map_location="cpu", weights_only=True)
-
-
 def build_networks(cfg):
     """Student S (DeepLabV3+), Swin-UNet teacher G and ResUNet teacher L as the config describes (None if unused)."""
-    pretrained = {"imagenet": True, "none": False}.get(cfg["pretrained"], cfg["pretrained"])
-    if isinstance(pretrained, str) and not os.path.isfile(pretrained):
-        raise data.DataError(f"--pretrained {pretrained}: no such file (expected imagenet, none or a path)")
-    with imagenet_download("--pretrained", cfg["backbone"]):
-        student, swin, res = build_student(cfg, pretrained), None, None
+    def weights(key, arch):  # cfg[key] is imagenet, none or a path
+        return None if cfg[key] == "none" else torchvision_weights(cfg[key], arch, "--" + key.replace("_", "-"))
+    student, swin, res = build_student(cfg, weights("pretrained", cfg["backbone"]) or False), None, None
     if cfg["teachers"] in ("swin", "both"):
         heads = tuple(max(1, cfg["swin_dim"] * 2 ** i // 32) for i in range(4))  # 32 channels a head, as Swin-T
         swin = SwinUNet(cfg["num_classes"], embed_dim=cfg["swin_dim"], depths=tuple(cfg["swin_depths"]),
                         num_heads=heads)
         if cfg["pretrained_swin"] != "none":
-            swin.load_torchvision_swin(torchvision_weights(cfg["pretrained_swin"], "swin_t", "--pretrained-swin"))
+            swin.load_torchvision_swin(weights("pretrained_swin", "swin_t"))
     if cfg["teachers"] in ("res", "both"):
         w = cfg["res_width"]
         res = ResUNet(cfg["num_classes"], widths=(w, 2 * w, 4 * w, 8 * w))
         if cfg["pretrained_res"] != "none":
-            res.load_torchvision_resnet(torchvision_weights(cfg["pretrained_res"], "resnet34", "--pretrained-res"))
+            res.load_torchvision_resnet(weights("pretrained_res", "resnet34"))
     return student, swin, res
 
 

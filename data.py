@@ -28,15 +28,19 @@ or a count: VOC's classic 92 / 183 / 366 / 732 / 1464 (drawn from the 1,464 fine
 10,582 unlabeled), or any count for folder and synthetic. The lists live in
 <splits_dir>/<dataset>/<name>/{labeled,unlabeled}.txt with <name> the split with "/" made "_" ("1/8" -> "1_8",
 "92" -> "92"), one "image mask" line per sample, paths relative to the data root: the format UniMatch and CPS
-publish (UniMatch's splits/pascal/1_16/ goes to <splits_dir>/voc/1_16/). A list already there is read as
-given; delete its folder to draw a new one with another --seed.
+publish (UniMatch's splits/pascal/1_16/ goes to <splits_dir>/voc/1_16/). A folder dataset's lists are kept per
+data root, <splits_dir>/folder/<root name>-<hash>/<name>/; a name holding a space is written with %20. A list
+already there is read as given, if it names images of this data's training pool; delete its folder to draw a new
+one with another --seed. evaluate.py scores any split of a layout (val, test, ...) without reading any list.
 
 Checks. build_datasets checks the layout and that every listed file exists; `python data.py` also opens every
 file; each sample is checked again as it loads. Every user mistake is a one-line DataError.
 """
 import argparse
+import hashlib
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,11 +107,12 @@ def voc_palette(num_classes):
 
 
 # ------------------------------------------------------------------------------------------ files and pixels
-def open_decoded(path, kind, expected):
-    """Image.open + decode now, so a missing or broken file is a DataError naming it, not a PIL traceback."""
+def open_decoded(path, kind, expected, decode=True):
+    """Image.open + decode now, so a missing or broken file is a DataError naming it, not a PIL traceback. With
+    decode=False only the header is read (size and mode, no pixels) and the file is closed."""
     try:
         image = Image.open(path)
-        image.load()
+        image.load() if decode else image.close()
         return image
     except FileNotFoundError:
         raise DataError(f"{kind} {path} does not exist") from None
@@ -124,10 +129,7 @@ def load_image(path):
 def load_mask(path, num_classes):
     """A single-channel PIL mask of class ids 0..num_classes-1 or 255. Cityscapes `*_gtFine_labelIds.png` files
     are converted to trainIds here, so no preprocessed trainId files are needed."""
-    mask = open_decoded(path, "mask", "a PNG of class ids")
-    if mask.mode not in ("L", "P"):  # "P": VOC's palette PNGs, whose indices are the class ids
-        raise DataError(f"mask {path} has mode {mask.mode}; expected an 8-bit single-channel PNG of class ids "
-                        f"(colour masks must be converted to ids first)")
+    mask = require_ids(open_decoded(path, "mask", "a PNG of class ids"), path)
     if path.endswith("_gtFine_labelIds.png"):
         mask = mask.point(LABEL_ID_TO_TRAIN_ID)
     counts = mask.histogram()  # 256 bins, one per id: a cheap check of every pixel
@@ -138,17 +140,28 @@ def load_mask(path, num_classes):
     return mask
 
 
-def load_pair(image_path, mask_path, num_classes):
-    image, mask = load_image(image_path), load_mask(mask_path, num_classes)
+def require_ids(mask, path):
+    if mask.mode not in ("L", "P"):  # "P": VOC's palette PNGs, whose indices are the class ids
+        raise DataError(f"mask {path} has mode {mask.mode}; expected an 8-bit single-channel PNG of class ids "
+                        f"(colour masks must be converted to ids first)")
+    return mask
+
+
+def require_same_size(image, mask, image_path, mask_path):
     if image.size != mask.size:
         raise DataError(f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
                         f"{mask.width}x{mask.height}; expected the same size")
+
+
+def load_pair(image_path, mask_path, num_classes):
+    image, mask = load_image(image_path), load_mask(mask_path, num_classes)
+    require_same_size(image, mask, image_path, mask_path)
     return image, mask
 
 
-# uint8 value -> (value / 255 - mean) / std, per channel. Looking values up is 3x faster than computing them in
-# torch and stays on the calling thread, where torch would hand each image to its thread pool: that costs more
-# than it saves at this size, and far more on a busy CPU (bench/data.py with 0 workers).
+# uint8 value -> (value / 255 - mean) / std, per channel. A table lookup does no arithmetic per pixel and stays on
+# the calling thread, where torch would hand each image to its thread pool: at this size that costs more than it
+# saves, most of all on a busy CPU (bench/data_speed.py --workers 0 measures it).
 NORMALIZE_LUT = ((np.arange(256) / 255 - np.array(MEAN)[:, None]) / np.array(STD)[:, None]).astype(np.float32)
 
 
@@ -212,7 +225,8 @@ def strong_colors(rng, image):
     if rng.random() < 0.2:
         image = F.rgb_to_grayscale(image, num_output_channels=3)
     if rng.random() < 0.5:
-        # PIL's blur takes sigma as its radius and is 3x faster than v2's gaussian_blur on a PIL image.
+        # PIL's blur takes sigma as its radius and blurs the PIL image in place of v2's gaussian_blur, which
+        # converts it to a tensor and back.
         image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
     return image
 
@@ -284,6 +298,22 @@ class SemiDataset(Dataset):
         ignore_mask = np.ones((size, size), dtype=bool)  # True on the padding
         ignore_mask[:image.height, :image.width] = False
         return normalize(image, size), normalize(strong, size), torch.from_numpy(ignore_mask), cutmix_box(rng, size)
+
+
+# ------------------------------------------------------------------------------------------- sample order
+def epoch_indices(num_items, length, seed, epoch, rank, world):
+    """This rank's sample order for one epoch: `length` items from permutations of range(num_items), repeated as
+    needed (the labeled set is cycled to the unlabeled set's length), a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.cat([torch.randperm(num_items, generator=generator) for _ in range(-(-length // num_items))])
+    return order[:length][rank::world].tolist()
+
+
+def loader(dataset, indices, batch_size, workers, device_type):
+    """Batches of `dataset` in the order `indices` gives (pinned memory for a GPU)."""
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                       num_workers=workers, drop_last=True, pin_memory=device_type == "cuda")
+
 
 
 # ------------------------------------------------------------------------------------------- synthetic scenes
@@ -366,15 +396,23 @@ def draw_split(candidates, unlabeled_pool, count, seed):
     return labeled, [pair for pair in unlabeled_pool if pair[0] not in taken]
 
 
+def quote_name(path):
+    """A relative path as one field of a split list: as it is, unless it holds whitespace or "%"; those characters
+    are then written %XX (a space is %20), as in URLs. The lists stay the community format for every name it can
+    express, and a name with a space survives the round trip."""
+    return "".join(f"%{ord(c):02X}" if c.isspace() or c == "%" else c for c in path)
+
+
 def read_split_file(path, need_masks):
-    """A community-format list: one "image mask" (or, for unlabeled samples, "image") line per sample."""
+    """A community-format list: one "image mask" (or, for unlabeled samples, "image") line per sample; each field
+    as `quote_name` writes it."""
     if not os.path.isfile(path):
         raise DataError(f"split file {path} does not exist; expected labeled.txt and unlabeled.txt side by side "
                         f"(delete the folder to draw a new split)")
     pairs = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
-            fields = [field.lstrip("/") for field in line.split()]
+            fields = [urllib.parse.unquote(field).lstrip("/") for field in line.split()]
             if len(fields) > 2 or (need_masks and len(fields) == 1):
                 raise DataError(f"{path} line {number} reads {line.strip()!r}; expected 'image_path mask_path'")
             if fields:
@@ -387,7 +425,7 @@ def read_split_file(path, need_masks):
 def write_split_file(path, pairs):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.writelines(f"{image} {mask}\n" if mask else f"{image}\n" for image, mask in pairs)
+        f.writelines(" ".join(quote_name(name) for name in pair if name) + "\n" for pair in pairs)
 
 
 def find_mask(root, mask):
@@ -400,6 +438,28 @@ def find_mask(root, mask):
         if old in mask and os.path.isfile(os.path.join(root, mask.replace(old, new))):
             return mask.replace(old, new)
     return mask
+
+
+def split_directory(splits_dir, dataset, data_root, split):
+    """Where the lists of `split` live: <splits_dir>/<dataset>/<split with "/" made "_"> for voc, cityscapes and
+    synthetic, whose file names are the same in every copy of the dataset; for a folder dataset
+    <splits_dir>/folder/<root's name>-<8 hex digits of its absolute path>/<split>, so that two folder datasets
+    never read each other's lists (a moved root draws the same lists again: a draw is a function of pool and seed)."""
+    if dataset != "folder":
+        return os.path.join(splits_dir, dataset, split.replace("/", "_"))
+    root = os.path.realpath(data_root)
+    key = f"{os.path.basename(root)}-{hashlib.sha1(root.encode()).hexdigest()[:8]}"
+    return os.path.join(splits_dir, dataset, key, split.replace("/", "_"))
+
+
+def require_in_pool(pairs, pool, source, root):
+    """A list read from disk must name images of this data's training pool: a list of another dataset (or one
+    naming val images) is an error, never a silent mix."""
+    images = {image for image, _ in pool}
+    for image, _ in pairs:
+        if image not in images:
+            raise DataError(f"{source} names {image}, which is not in the training pool of --data-root {root}; "
+                            f"expected a list of this data (delete the folder to draw one, or another --splits-dir)")
 
 
 def require_files(root, pairs, source, masks=True):
@@ -426,6 +486,12 @@ def read_ids(path):
         return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in lines if line.strip()]
 
 
+def voc_pairs(root, split, masks="SegmentationClass"):
+    """The (image, mask) pairs that ImageSets/Segmentation/<split>.txt lists (train, val, test, ...)."""
+    ids = read_ids(os.path.join(require_dir(root, "ImageSets", "Segmentation"), f"{split}.txt"))
+    return [(f"JPEGImages/{i}.jpg", f"{masks}/{i}.png") for i in ids]
+
+
 def scan_voc(root, split):
     """(candidates for labeling, unlabeled pool, val, where the pool came from) as (image, mask) pairs."""
     sets = require_dir(root, "ImageSets", "Segmentation")
@@ -436,37 +502,44 @@ def scan_voc(root, split):
         source, val_set = require_dir(root, "SegmentationClassAug"), set(val_ids)
         pool_ids = sorted(name[:-4] for name in os.listdir(source) if name.endswith(".png")
                           and name[:-4] not in val_set)
-    pairs = lambda ids, masks: [(f"JPEGImages/{i}.jpg", f"{masks}/{i}.png") for i in ids]
-    pool = pairs(pool_ids, "SegmentationClassAug")
-    candidates = pairs(read_ids(os.path.join(sets, "train.txt")), "SegmentationClass") if split in VOC_CLASSIC else pool
-    return candidates, pool, pairs(val_ids, "SegmentationClass"), source
+    pool = [(f"JPEGImages/{i}.jpg", f"SegmentationClassAug/{i}.png") for i in pool_ids]
+    candidates = voc_pairs(root, "train") if split in VOC_CLASSIC else pool
+    return candidates, pool, voc_pairs(root, "val"), source
+
+
+def cityscapes_pairs(root, split):
+    """The (image, labelIds mask) pairs of leftImg8bit/<split>/<city>/ (train, val, test)."""
+    images, _ = require_dir(root, "leftImg8bit", split), require_dir(root, "gtFine", split)
+    return [(f"leftImg8bit/{split}/{city}/{name}",
+             f"gtFine/{split}/{city}/{name[:-len('_leftImg8bit.png')]}_gtFine_labelIds.png")
+            for city in sorted(os.listdir(images)) if os.path.isdir(os.path.join(images, city))
+            for name in sorted(os.listdir(os.path.join(images, city))) if name.endswith("_leftImg8bit.png")]
 
 
 def scan_cityscapes(root):
-    def pairs(split):
-        images, _ = require_dir(root, "leftImg8bit", split), require_dir(root, "gtFine", split)
-        return [(f"leftImg8bit/{split}/{city}/{name}",
-                 f"gtFine/{split}/{city}/{name[:-len('_leftImg8bit.png')]}_gtFine_labelIds.png")
-                for city in sorted(os.listdir(images)) if os.path.isdir(os.path.join(images, city))
-                for name in sorted(os.listdir(os.path.join(images, city))) if name.endswith("_leftImg8bit.png")]
-    return pairs("train"), pairs("val"), os.path.join(root, "leftImg8bit", "train")
+    return cityscapes_pairs(root, "train"), cityscapes_pairs(root, "val"), os.path.join(root, "leftImg8bit", "train")
+
+
+def folder_images(root, split):
+    folder = require_dir(root, "images", split)
+    names = [name for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_SUFFIXES)]
+    if not names:
+        raise DataError(f"{folder} holds no images; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
+    return names
+
+
+def folder_pairs(root, split):
+    """The (image, mask) pairs of images/<split>/ and masks/<split>/ (train, val, test, or any other name)."""
+    names = folder_images(root, split)
+    require_dir(root, "masks", split)
+    return [(f"images/{split}/{name}", f"masks/{split}/{os.path.splitext(name)[0]}.png") for name in names]
 
 
 def scan_folder(root):
-    def images(split):
-        folder = require_dir(root, "images", split)
-        names = [name for name in sorted(os.listdir(folder)) if name.lower().endswith(IMAGE_SUFFIXES)]
-        if not names:
-            raise DataError(f"{folder} holds no images; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
-        return names
-    def pairs(split):
-        names = images(split)
-        require_dir(root, "masks", split)
-        return [(f"images/{split}/{name}", f"masks/{split}/{os.path.splitext(name)[0]}.png") for name in names]
     extra = []
     if os.path.isdir(os.path.join(root, "images", "unlabeled")):
-        extra = [(f"images/unlabeled/{name}", None) for name in images("unlabeled")]
-    return pairs("train"), extra, pairs("val"), os.path.join(root, "images", "train")
+        extra = [(f"images/unlabeled/{name}", None) for name in folder_images(root, "unlabeled")]
+    return folder_pairs(root, "train"), extra, folder_pairs(root, "val"), os.path.join(root, "images", "train")
 
 
 def folder_info(root, pairs):
@@ -476,11 +549,16 @@ def folder_info(root, pairs):
         with open(path) as lines:
             names = [line.strip() for line in lines if line.strip()]
     else:
-        largest = 0
+        found = set()
         for _, mask in tqdm(pairs, desc="no classes.txt: reading the masks", leave=False, disable=None):
             counts = load_mask(os.path.join(root, mask), IGNORE_INDEX).histogram()
-            largest = max([largest] + [value for value in range(IGNORE_INDEX) if counts[value]])
-        names = [f"class{i}" for i in range(largest + 1)]
+            found |= {value for value in range(IGNORE_INDEX) if counts[value]}
+        missing = sorted(set(range(max(found, default=0) + 1)) - found)
+        if missing:  # an id such as 200 would otherwise make a 201-class problem of mostly empty classes
+            raise DataError(f"the masks under {root} hold the ids {', '.join(map(str, sorted(found)))} but never "
+                            f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}; expected ids "
+                            f"0..K-1 with {IGNORE_INDEX} for ignore, or a classes.txt naming the K classes")
+        names = [f"class{i}" for i in range(max(found, default=0) + 1)]
     return DatasetInfo("folder", len(names), names, voc_palette(len(names)))
 
 
@@ -516,22 +594,26 @@ def scan(dataset, root, split):
 
 
 # ------------------------------------------------------------------------------------------------ the builder
-def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", crop_size=321, seed=0):
-    """(labeled, unlabeled, val, info) for `dataset`, with the split lists read from or written to
-    <splits_dir>/<dataset>/<split with "/" made "_">/{labeled,unlabeled}.txt: "1/16" -> "1_16", "1/8" -> "1_8",
-    "1/4" -> "1_4", "1/2" -> "1_2"; counts keep their name ("92", "1464", or "46" for folder / synthetic).
-    data_root is unused for synthetic. Raises DataError on any mistake in the flags, the layout or the lists."""
+def require_root(dataset, data_root):
     if dataset not in DATASETS:
         raise DataError(f"--dataset {dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
     if dataset != "synthetic" and not data_root:
         raise DataError(f"--data-root is required for --dataset {dataset}")
     if dataset != "synthetic" and not os.path.isdir(data_root):
         raise DataError(f"--data-root {data_root} is not a directory; expected the {dataset} dataset's root")
-    root = data_root or ""
+    return data_root or ""
+
+
+def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", crop_size=321, seed=0):
+    """(labeled, unlabeled, val, info) for `dataset`, with the split lists read from or written to
+    split_directory(...)/{labeled,unlabeled}.txt, named by the split with "/" made "_" ("1/16" -> "1_16"; counts
+    keep their name: "92", "1464", or "46" for folder / synthetic). data_root is unused for synthetic. Raises
+    DataError on any mistake in the flags, the layout or the lists."""
+    root = require_root(dataset, data_root)
     candidates, unlabeled_pool, val, info, source = scan(dataset, root, split)
     count = labeled_count(dataset, split, len(candidates))
 
-    directory = os.path.join(splits_dir, dataset, split.replace("/", "_"))
+    directory = split_directory(splits_dir, dataset, root, split)
     labeled_txt, unlabeled_txt = os.path.join(directory, "labeled.txt"), os.path.join(directory, "unlabeled.txt")
     drawn = not (os.path.exists(labeled_txt) or os.path.exists(unlabeled_txt))
     if drawn:
@@ -552,6 +634,9 @@ def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", cr
         require_files(root, labeled, labeled_source)
         require_files(root, unlabeled, unlabeled_source, masks=False)
         require_files(root, val, f"the {dataset} validation set")
+        if not drawn:
+            require_in_pool(labeled, candidates + unlabeled_pool, labeled_source, root)
+            require_in_pool(unlabeled, unlabeled_pool, unlabeled_source, root)
         labeled_scenes = unlabeled_scenes = val_scenes = None
     if not labeled or not unlabeled:
         raise DataError(f"split {split} of {dataset} leaves {len(labeled)} labeled and {len(unlabeled)} unlabeled "
@@ -567,6 +652,34 @@ def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", cr
                         unlabeled_scenes),
             SemiDataset("val", files(val), info, crop_size, seed, val_scenes),
             info)
+
+
+def check_headers(dataset):
+    """Read every file's header, not its pixels (seconds for VOC): images readable, masks single-channel and of
+    their image's size. train.py runs it before the first epoch, so a broken file costs no training time."""
+    if dataset.scenes is not None:
+        return
+    for image_path, mask_path in tqdm(dataset.files, desc=f"reading {dataset.mode} headers", leave=False,
+                                      disable=None):
+        image = open_decoded(image_path, "image", "a JPEG or PNG file", decode=False)
+        if mask_path is not None:
+            mask = require_ids(open_decoded(mask_path, "mask", "a PNG of class ids", decode=False), mask_path)
+            require_same_size(image, mask, image_path, mask_path)
+
+
+def eval_set(dataset, data_root, split, info):
+    """The whole images and masks of one split of a layout (val, test, or any other the layout holds), to score a
+    trained network: no split list is read or written. info: the classes the network was trained on."""
+    root = require_root(dataset, data_root)
+    if dataset == "synthetic":
+        if split != "val":
+            raise DataError(f"--split {split}: the synthetic data has a val split only")
+        return SemiDataset("val", [synthetic_pair("val", i) for i in range(SYNTHETIC_VAL)], info,
+                           scenes=[synthetic_scene("val", i) for i in range(SYNTHETIC_VAL)])
+    pairs = {"voc": voc_pairs, "cityscapes": cityscapes_pairs, "folder": folder_pairs}[dataset](root, split)
+    pairs = [(image, find_mask(root, mask)) for image, mask in pairs]
+    require_files(root, pairs, f"the {split} split of {dataset}")
+    return SemiDataset("val", [(os.path.join(root, image), os.path.join(root, mask)) for image, mask in pairs], info)
 
 
 def check_files(dataset):
@@ -589,9 +702,10 @@ def main(argv=None):
     parser.add_argument("--splits-dir", default="splits", help="where the split lists are read or written")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split draw")
     args = parser.parse_args(argv)
-    directory = os.path.join(args.splits_dir, args.dataset, args.split.replace("/", "_"))
-    existed = os.path.exists(os.path.join(directory, "labeled.txt"))
     try:
+        directory = split_directory(args.splits_dir, args.dataset, require_root(args.dataset, args.data_root),
+                                    args.split)
+        existed = os.path.exists(os.path.join(directory, "labeled.txt"))
         labeled, unlabeled, val, info = build_datasets(args.dataset, args.data_root, args.split, args.splits_dir,
                                                        seed=args.seed)
         for dataset in (labeled, unlabeled, val):

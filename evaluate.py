@@ -1,6 +1,7 @@
 """Evaluation: confusion matrix, per-class IoU and mIoU; full-image and sliding-window inference; a CLI.
 
     python evaluate.py --checkpoint runs/voc_1_16/best.pt --data-root data/VOC2012
+    python evaluate.py --checkpoint best.pt --data-root data/other_copy --split test
     python evaluate.py --checkpoint best.pt --images my_photos/ --save-vis predictions/
 
 A checkpoint carries its training config, so no model flags are needed. Under torch.distributed, each rank
@@ -142,6 +143,21 @@ def save_panel(path, rows, gap=4):
     panel.save(path)
 
 
+def prediction_rows(models, dataset, info, device, count=3, **inference):
+    """For the first `count` images of `dataset`: image | ground truth | one prediction per model, for save_panel."""
+    rows = []
+    for i in range(min(count, len(dataset))):
+        image, mask = dataset[i]
+        row = [denormalize(image), data.colorize(mask, info.palette)]
+        for model in models:
+            was_training = model.training
+            prediction = predict(model.eval(), image[None].to(device), info.num_classes, **inference)
+            model.train(was_training)
+            row.append(data.colorize(prediction.argmax(dim=1)[0].cpu(), info.palette))
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 def build_student(config, pretrained=False):
     """The DeepLabV3+ student described by a training config (a plain dict, as stored in checkpoints)."""
@@ -149,34 +165,74 @@ def build_student(config, pretrained=False):
                        output_stride=config["output_stride"], pretrained=pretrained)
 
 
-def load_student(path, device="cpu"):
-    """(student in eval mode, config) from a `best.pt` / `latest.pt` written by train.py."""
+def read_checkpoint(path, flag, keys=("config",), expected="a best.pt or latest.pt written by train.py"):
+    """The dict that train.py saved in `path`, holding `keys`; a missing, truncated, empty or foreign file is a
+    one-line error naming `flag` and the file (weights_only: a file can hold tensors, never code to run)."""
     if not os.path.isfile(path):
-        raise data.DataError(f"--checkpoint {path}: no such file")
+        raise data.DataError(f"{flag} {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say so in one line
-        raise data.DataError(f"--checkpoint {path}: not a checkpoint written by train.py ({error.__class__.__name__})")
+        raise data.DataError(f"{flag} {path}: not a checkpoint written by train.py ({error.__class__.__name__})")
+    missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if missing or not isinstance(config, dict) or not CONFIG_KEYS <= set(config):
+        what = f"no {missing[0]!r}" if missing else "a config without " + ", ".join(sorted(CONFIG_KEYS - set(config)))
+        raise data.DataError(f"{flag} {path}: holds {what}; expected {expected}")
+    return checkpoint
+
+
+CONFIG_KEYS = {"dataset", "num_classes", "backbone", "output_stride"}  # what building the student needs
+
+
+def load_student(path, device="cpu"):
+    """(student in eval mode, config) from a `best.pt` / `latest.pt` written by train.py."""
+    checkpoint = read_checkpoint(path, "--checkpoint")
     weights = checkpoint.get("student") or checkpoint.get("trainer", {}).get("student")  # best.pt or latest.pt
-    if "config" not in checkpoint or weights is None:
+    if not isinstance(weights, dict):
         raise data.DataError(f"--checkpoint {path}: holds no student (expected best.pt or latest.pt of train.py)")
     config = checkpoint["config"]
     student = build_student(config)
-    student.load_state_dict(weights)
+    try:
+        student.load_state_dict(weights)
+    except (RuntimeError, KeyError) as error:  # missing or misshapen weights
+        raise data.DataError(f"--checkpoint {path}: its student does not match its config "
+                             f"({one_line(error)[:200]}); expected the file as train.py wrote it")
     return student.to(device).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------- CLI
 def one_line(error):
     """A DataError's message; one raised in a DataLoader worker arrives wrapped in the worker's traceback text."""
-    return str(error).strip().splitlines()[-1].removeprefix("data.DataError: ")
+    return " ".join(str(error).strip().splitlines()[-1:]).removeprefix("data.DataError: ")
+
+
+def require_device(device):
+    """Both command lines check --device before any data is read."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise data.DataError("--device cuda: no CUDA GPU is visible to torch here; expected --device cpu")
+
+
+def require_writable_dir(path, flag):
+    """Create `path` and write a file there now, so that an unwritable folder is found before the work, not after."""
+    probe = Path(path) / ".write_test"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise data.DataError(f"{flag} {path}: cannot write there ({error.strerror or error}); expected a writable "
+                             f"folder") from None
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a trained IGL-DT student, or segment a folder of images.")
     parser.add_argument("--checkpoint", required=True, help="best.pt or latest.pt written by train.py")
-    parser.add_argument("--dataset", default=None, help="dataset to evaluate on (default: the checkpoint's)")
-    parser.add_argument("--data-root", default=None, help="dataset directory (default: the checkpoint's)")
+    parser.add_argument("--dataset", default=None, help="the layout of --data-root (default: the checkpoint's)")
+    parser.add_argument("--data-root", default=None, help="dataset directory, any copy or another dataset in the "
+                        "checkpoint's layout (default: the checkpoint's)")
+    parser.add_argument("--split", default="val", help="the split to score: val, test or any other the layout "
+                        "holds (ImageSets/Segmentation/NAME.txt, leftImg8bit/NAME, images/NAME; default: val)")
     parser.add_argument("--mode", choices=["full", "sliding"], default=None,
                         help="whole-image or sliding-window inference (default: the checkpoint's)")
     parser.add_argument("--window", type=int, default=None, help="sliding window size (default: the checkpoint's)")
@@ -186,8 +242,8 @@ def parse_args(argv=None):
     parser.add_argument("--save-vis", default=None, help="write image | ground truth | prediction PNGs here; with --images, the predictions "
                         "(default: predictions/)")
     parser.add_argument("--images", default=None, help="segment every image in this folder (no masks needed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when there is one")
     parser.add_argument("--workers", type=int, default=2, help="data loading processes (default: 2)")
     return parser.parse_args(argv)
 
@@ -209,6 +265,11 @@ def segment_folder(student, config, folder, out_dir, device, **inference):
 
 def main(argv=None):
     args = parse_args(argv)
+    require_device(args.device)
+    if args.workers < 0:
+        raise data.DataError(f"--workers {args.workers}: expected 0 or more")
+    if args.save_vis or args.images:
+        require_writable_dir(args.save_vis or "predictions", "--save-vis")
     student, config = load_student(args.checkpoint, args.device)
     mode = args.mode or config.get("eval_mode", "full")
     window = args.window or config.get("eval_window", 801)
@@ -217,15 +278,18 @@ def main(argv=None):
     if args.images:
         segment_folder(student, config, args.images, args.save_vis or "predictions", args.device, **inference)
         return
-    dataset = args.dataset or config["dataset"]
-    _, _, val_set, info = data.build_datasets(dataset, args.data_root or config.get("data_root"),
-                                              split=config.get("split", "1/8"),
-                                              splits_dir=config.get("splits_dir", "splits"),
-                                              crop_size=config.get("crop_size", 321), seed=config.get("seed", 0))
-    if info.num_classes != config["num_classes"]:
-        raise data.DataError(f"--dataset {dataset} has {info.num_classes} classes, the checkpoint "
-                             f"{config['num_classes']}")
-    result = evaluate(student, val_set, info.num_classes, args.device, num_workers=args.workers, **inference)
+    dataset, classes = args.dataset or config["dataset"], config["num_classes"]
+    info = data.DatasetInfo(dataset, classes, config.get("class_names") or [f"class{i}" for i in range(classes)],
+                            [tuple(c) for c in config.get("palette") or data.voc_palette(classes)])
+    fixed = {"voc": 21, "cityscapes": 19}.get(dataset, classes)
+    if fixed != classes:
+        raise data.DataError(f"--dataset {dataset} has {fixed} classes, the checkpoint {classes}")
+    val_set = data.eval_set(dataset, args.data_root or config.get("data_root"), args.split, info)
+    # In the precision the run evaluated in (fp16 only on a GPU), so the mIoU printed here is the one it logged.
+    amp = config.get("amp") if config.get("amp") == "bf16" or args.device == "cuda" else "off"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    result = evaluate(student, val_set, info.num_classes, args.device, amp_dtype=amp_dtype, num_workers=args.workers,
+                      **inference)
     if args.save_vis:
         for i in range(len(val_set)):
             image, mask = val_set[i]

@@ -11,6 +11,7 @@ import argparse
 import copy
 import itertools
 import json
+import math
 import os
 import resource
 import signal
@@ -18,6 +19,7 @@ import socket
 import sys
 import time
 import urllib.error
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from evaluate import build_student, denormalize, evaluate, one_line, predict, save_panel
-from losses import (cps_loss, discrepancy_loss, global_context_loss, local_regional_loss, pseudo_label_loss,
-                    sup_loss)
+from evaluate import (build_student, evaluate, one_line, prediction_rows, read_checkpoint, require_device,
+                      require_writable_dir, save_panel)
+from losses import (IGNORE_INDEX, cps_loss, discrepancy_loss, dual_teacher_targets, global_context_loss,
+                    local_regional_loss, pseudo_label_loss, sup_loss)
 from models import ResUNet, SwinUNet, torchvision_state_dict
 
 # The one place that maps --dataset to its defaults. VOC and Cityscapes follow the paper and the CPS / UniMatch
@@ -38,15 +41,11 @@ from models import ResUNet, SwinUNet, torchvision_state_dict
 PAPER = dict(batch_size=8, backbone="resnet50", pretrained="imagenet", pretrained_swin="imagenet",
              pretrained_res="imagenet", swin_dim=96, swin_depths=[2, 2, 6, 2], res_width=64, swin_lr=1e-4,
              res_optimizer="sgd", lambda_cps=1.5, cps_rampup=0, ema_momentum=0.999, freeze_teachers=False, workers=4)
-# `synthetic` and `folder` are sized for a 2-core CPU, every network from scratch. Measured on the synthetic data
-# (see README): an EMA of 0.999 lags runs of a few hundred steps, so 0.99; AdamW trains the ResUNet from scratch
-# far faster than SGD; and CPS at 1.5 drags the faster-learning ResUNet down to the Swin-UNet, so 0.5, ramped up.
-# On CamVid (`folder`, see README Results) the student is only as good as its teachers: 20 epochs of stage 1
-# instead of 3 raise the ResUNet teacher at the end of stage 1 from about 20 to about 40 val mIoU, and the
-# student's gain over supervised from +2.6 to +3.9 on val (2 seeds; +1.9 on the dev set; +5.7 and +3.0 in a rerun
-# after a change of float rounding: one run's val figure moves by about 5 points); the teachers are then
-# frozen in stage 2, which makes it 1.7x faster and keeps a full two-seed comparison near an hour. With 26
-# student epochs for both students the gain is +3.3 on val (+0.8 on dev); 10 teacher epochs gain nothing.
+# `synthetic` and `folder` are sized for a 2-core CPU, every network from scratch: an EMA of 0.99 (0.999 lags runs
+# of a few hundred steps), AdamW for the ResUNet (SGD trains it slowly from scratch), CPS at 0.5 ramped up (at 1.5
+# the faster-learning ResUNet is dragged down to the Swin-UNet). `folder` trains the teachers for 20 epochs, then
+# freezes them: the student gains only what its teachers know beyond the labels, and frozen teachers make stage 2
+# cheaper. The runs behind these choices: bench/results/README.md and bench/results/archive/HISTORY.md.
 CPU = dict(batch_size=4, backbone="resnet18", pretrained="none", pretrained_swin="none", pretrained_res="none",
            swin_dim=48, swin_depths=[2, 2, 2, 2], res_width=32, lr=1e-2, head_lr_mult=1.0, swin_lr=2e-3,
            res_optimizer="adamw", lambda_cps=0.5, ema_momentum=0.99, threshold=0.9, region=32, eval_mode="full",
@@ -78,9 +77,10 @@ def parse_args(argv=None):
                    "exactly the run a start from scratch would (to try student losses on one pair of teachers)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("method")
-    g.add_argument("--teachers", default="both", choices=["both", "swin", "res", "none"],
-                   help="which teachers teach; none = supervised-only baseline; a single teacher is trained "
-                   "without CPS and fills both teacher roles (default: both)")
+    g.add_argument("--teachers", default="both", choices=["both", "swin", "res", "none", "ema"],
+                   help="which teachers teach; none = supervised-only baseline; ema = the one-teacher baseline "
+                   "(no stage 1: the student's own EMA copy teaches, Mean Teacher with a FixMatch threshold); a "
+                   "single teacher is trained without CPS and fills both teacher roles (default: both)")
     g.add_argument("--freeze-teachers", action=argparse.BooleanOptionalAction,
                    help="stop training the teachers in stage 2 (--no-freeze-teachers: keep training them, the "
                    "paper's iterative scheme)" + per_dataset)
@@ -118,17 +118,96 @@ def parse_args(argv=None):
     g.add_argument("--gpus", type=int, default=1, help="processes to start when not under torchrun; 0 = CPU "
                    "(with --device cpu, N > 1 starts N CPU processes over gloo, to try the distributed path)")
     g.add_argument("--amp", choices=["bf16", "fp16", "off"],
-                   help="mixed precision (default: bf16 on a GPU that has it, else off)")
+                   help="mixed precision (default: bf16 on a GPU or CPU that computes it natively, else off)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the networks' training calls (on CUDA also channels_last and fused "
+                   "optimisers); the eager path is the reference (default: off)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="store the convolutional networks (student, ResUNet) channels-last (NHWC), the layout "
+                   "oneDNN and cuDNN convolve fastest (default: off; it measured no faster on a CPU, see bench/speed.py "
+                   "--compare channels-last)")
+    g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs (default: default)")
     args = p.parse_args(argv)
+    args.given = given_flags(p, argv, args)  # --resume refuses a given flag that differs from the saved run
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.gpus == 0:
         args.device = "cpu"
     if args.amp is None:
-        args.amp = "bf16" if args.device == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        args.amp = "bf16" if native_bf16(args.device) else "off"
     args.out = args.out or f"runs/{args.dataset}_{args.split.replace('/', '_')}_{args.teachers}"
     return args
+
+
+def native_bf16(device):
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or AMX
+    (where oneDNN runs bf16 convolutions and matmuls at about twice the fp32 rate; elsewhere bf16 is emulated)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def given_flags(parser, argv, args):
+    """The settings the command line names (rather than leaves to their defaults), for --resume: argparse fills in
+    a default only where the namespace holds no value yet, so what still holds the marker was not given."""
+    unset = object()
+    parsed = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
+    return {key for key, value in vars(parsed).items() if value is not unset}
+
+
+def _number(low, high=math.inf, low_open=False):
+    """A check that a number lies in [low, high] (or (low, high] with low_open), with the words for the error."""
+    ok = lambda v: math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+    words = f"a number above {low}" if low_open else f"{low} or more" if high == math.inf else f"{low} to {high}"
+    return ok, words
+
+
+# What each numeric setting must be: checked before any data is read, so a mistake costs no training time.
+SETTING_LIMITS = {
+    "batch_size": _number(1), "crop_size": _number(32), "teacher_epochs": _number(0), "student_epochs": _number(0),
+    "lr": _number(0, low_open=True), "swin_lr": _number(0, low_open=True), "head_lr_mult": _number(0, low_open=True),
+    "lambda_u": _number(0), "lambda_dis": _number(0), "lambda_glo": _number(0), "lambda_loc": _number(0),
+    "lambda_cps": _number(0), "cps_rampup": _number(0), "threshold": _number(0, 1), "ema_momentum": _number(0, 1),
+    "region": _number(1), "swin_dim": _number(1), "res_width": _number(1), "eval_every": _number(1),
+    "eval_window": _number(1), "workers": _number(0), "max_iters": _number(0),
+}
+
+
+def check_settings(cfg, world, device):
+    """A run's settings as SETTING_LIMITS asks, and as `world` processes on `device` need them; each mistake is one
+    line naming the flag and what was expected."""
+    for key, (ok, expected) in SETTING_LIMITS.items():
+        if not ok(cfg[key]):
+            raise data.DataError(f"--{key.replace('_', '-')} {cfg[key]}: expected {expected}")
+    widths = [cfg["swin_dim"] * 2 ** i for i in range(4)]
+    if any(width % max(1, width // 32) for width in widths):  # a head of 32 channels, as in build_networks
+        raise data.DataError(f"--swin-dim {cfg['swin_dim']}: expected a width that heads of 32 channels divide at "
+                             f"every stage (such as 12, 24, 48 or 96)")
+    if cfg["student_epochs"] == 0 and (cfg["teachers"] in ("none", "ema") or cfg["teacher_epochs"] == 0):
+        raise data.DataError("--student-epochs 0 leaves nothing to train (it needs teachers and --teacher-epochs > 0)")
+    if cfg["batch_size"] % world:
+        raise data.DataError(f"--batch-size {cfg['batch_size']}: expected a multiple of the {world} processes")
+    if cfg["amp"] == "fp16" and device == "cpu":
+        raise data.DataError("--amp fp16 on the CPU: expected bf16 or off (a CPU emulates fp16, about 10x slower)")
+
+
+def check_hardware(args):
+    """--device, --gpus and --amp against this machine, before any data is read."""
+    require_device(args.device)
+    if args.gpus < 0:
+        raise data.DataError(f"--gpus {args.gpus}: expected 0 (the CPU) or more")
+    spawning = args.gpus > 1 and "RANK" not in os.environ
+    if spawning and args.device == "cuda" and torch.cuda.device_count() < args.gpus:
+        raise data.DataError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"expected at most that many")
+    if spawning and args.device == "cpu" and "device" not in args.given:  # not N CPU processes by accident
+        raise data.DataError(f"--gpus {args.gpus}: this machine has no CUDA GPU; expected --gpus 1, or --device cpu "
+                             f"--gpus {args.gpus} to try the distributed path in CPU processes")
+    if spawning and not args.resume:  # before the processes start (a resumed run's are checked by each of them)
+        check_settings({key: getattr(args, key) for key in vars(args)}, args.gpus, args.device)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -164,17 +243,18 @@ def build_networks(cfg):
     return student, swin, res
 
 
-def sgd(model, lr, head_lr_mult, backbone_prefixes):
+def sgd(model, lr, head_lr_mult, backbone_prefixes, fused=None):
     """SGD with the pretrained trunk at lr and the rest (the new head) at lr * head_lr_mult."""
     trunk = [p for n, p in model.named_parameters() if n.startswith(backbone_prefixes)]
     head = [p for n, p in model.named_parameters() if not n.startswith(backbone_prefixes)]
     groups = [dict(params=trunk, lr=lr, initial_lr=lr), dict(params=head, lr=lr * head_lr_mult,
                                                               initial_lr=lr * head_lr_mult)]
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4, fused=fused)
 
 
-def adamw(model, lr):
-    return torch.optim.AdamW([dict(params=list(model.parameters()), lr=lr, initial_lr=lr)], lr=lr, weight_decay=0.05)
+def adamw(model, lr, fused=None):
+    return torch.optim.AdamW([dict(params=list(model.parameters()), lr=lr, initial_lr=lr)], lr=lr, weight_decay=0.05,
+                             fused=fused)
 
 
 def poly_lr(optimizer, iteration, total):
@@ -195,33 +275,49 @@ def update_ema(ema, model, step, momentum):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken `path`."""
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken `path`, and a write
+    that fails (a full disk, no permission) is one line naming `path`, whose previous version is kept."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError that says so
+            torch.save(obj, f)
         os.replace(tmp, path)
+    except OSError as error:
+        raise write_error(path, error) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def epoch_indices(num_items, length, seed, epoch, rank, world):
-    """This rank's sample order for one epoch: `length` items from permutations of range(num_items), repeated as
-    needed (the labeled set is cycled to the unlabeled set's length), a pure function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.cat([torch.randperm(num_items, generator=generator) for _ in range(-(-length // num_items))])
-    return order[:length][rank::world].tolist()
+def write_file(path, text):
+    try:
+        Path(path).write_text(text)
+    except OSError as error:
+        raise write_error(path, error) from None
 
 
-def loader(dataset, indices, batch_size, workers, device):
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                       num_workers=workers, drop_last=True, pin_memory=device == "cuda")
+def write_error(path, error):
+    """The one-line error for a failed write: the file and the cause (such as "no space left on device")."""
+    cause = (error.strerror or str(error)).lower() if isinstance(error, OSError) else str(error)
+    return data.DataError(f"cannot write {path}: {cause}; expected a writable folder with free space (the previous "
+                          f"{Path(path).name} is kept: free some space, then continue with --resume)")
 
 
 def peak_memory_mb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # max resident set size, KiB on Linux
+
+
+@torch.no_grad()
+def pseudo_label_shares(probs_swin, probs_res, ignore, threshold):
+    """What the student is taught on the unlabeled view: the share of valid pixels whose teachers agree with
+    confidence >= threshold (L_pl's targets), and of those where they disagree (L_dis's), as UniMatch logs its
+    mask ratio. Shapes as in `losses.dual_teacher_targets`."""
+    agreed, disputed, _ = dual_teacher_targets(probs_swin, probs_res, ignore, threshold)
+    valid = (~ignore).sum().clamp(min=1)
+    return {"share_agreed": (agreed != IGNORE_INDEX).sum() / valid,
+            "share_disputed": (disputed != IGNORE_INDEX).sum() / valid}
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -235,24 +331,41 @@ class Trainer:
         if world > 1 and device != "cpu":  # SyncBatchNorm needs CUDA; CPU processes keep per-rank statistics
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
             res = res and torch.nn.SyncBatchNorm.convert_sync_batchnorm(res)
-        self.student, self.swin, self.res = (m and m.to(device) for m in (student, swin, res))
-        self.swin_ema, self.res_ema = (m and copy.deepcopy(m).eval().requires_grad_(False) for m in (swin, res))
+        compiled = cfg.get("compile", False)
+        cuda_fast = compiled and torch.device(device).type == "cuda"  # the compiled path's CUDA-only parts
+        # channels_last lets oneDNN and cuDNN pick their fastest (NHWC) convolution kernels; the Swin-UNet is
+        # mostly matmuls, so it keeps its layout.
+        layout = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+        self.student, self.res = (m and m.to(device, memory_format=layout) for m in (student, res))
+        self.swin = swin and swin.to(device)
+        self.swin_ema, self.res_ema = (m and copy.deepcopy(m).eval().requires_grad_(False)
+                                       for m in (self.swin, self.res))
+        # --teachers ema: the one-teacher baseline's teacher is the student's own EMA copy.
+        self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False) \
+            if cfg["teachers"] == "ema" else None
         scale = cfg["batch_size"] / DATASET_DEFAULTS[cfg["dataset"]]["batch_size"]  # linear lr scaling
-        lr, mult = cfg["lr"] * scale, cfg["head_lr_mult"]
-        self.opt_student = sgd(self.student, lr, mult, ("backbone.",))
-        self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale)
+        lr, mult, fused = cfg["lr"] * scale, cfg["head_lr_mult"], True if cuda_fast else None
+        self.opt_student = sgd(self.student, lr, mult, ("backbone.",), fused)
+        self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale, fused)
         # The recipe trains the ResUNet like the student (SGD); from scratch on a CPU, AdamW trains it much faster.
-        self.opt_res = res and (sgd(self.res, lr, mult, ("encoder.",)) if cfg["res_optimizer"] == "sgd"
-                                else adamw(self.res, cfg["swin_lr"] * scale))
+        self.opt_res = res and (sgd(self.res, lr, mult, ("encoder.",), fused) if cfg["res_optimizer"] == "sgd"
+                                else adamw(self.res, cfg["swin_lr"] * scale, fused))
         # GradScaler only for fp16: bf16 and fp32 need no loss scaling, so their path has no special case.
         device_type = torch.device(device).type
         self.scaler_student = torch.amp.GradScaler(device_type, enabled=cfg["amp"] == "fp16")
         self.scaler_teachers = torch.amp.GradScaler(device_type, enabled=cfg["amp"] == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg["amp"]]
         self.steps = {"student": 0, "teachers": 0}
+        self.nonfinite, self.nonfinite_in_a_row = None, 0  # see `finite`
         wrap = lambda m: DistributedDataParallel(m, device_ids=None if device == "cpu" else [device]) \
             if world > 1 and m is not None else m
-        self.student_ddp, self.swin_ddp, self.res_ddp = wrap(self.student), wrap(self.swin), wrap(self.res)
+        # The calls the steps make: with --compile, compiled (DDP first, then torch.compile, as PyTorch's DDP
+        # notes advise). The modules stay plain, so state dicts, EMA updates and evaluation never see a wrapper;
+        # evaluation runs eager, since its full images come in many shapes.
+        call = lambda m: torch.compile(m, mode=cfg.get("compile_mode", "default")) if compiled and m else m
+        self.student_ddp, self.swin_ddp, self.res_ddp = (call(wrap(m)) for m in (self.student, self.swin, self.res))
+        self.swin_teacher, self.res_teacher, self.ema_teacher = (call(m) for m in
+                                                                 (self.swin_ema, self.res_ema, self.student_ema))
 
     def autocast(self):
         return torch.autocast(torch.device(self.device).type, dtype=self.amp_dtype or torch.bfloat16,
@@ -261,8 +374,16 @@ class Trainer:
     def uses(self, teacher):
         return self.cfg["teachers"] in (teacher, "both")
 
+    @property
+    def trains_teachers(self):
+        """Whether this run has teacher networks of its own to train (a stage 1): not none, not ema."""
+        return self.cfg["teachers"] in ("swin", "res", "both")
+
     def teacher_step(self, image, label, weak, ignore):
-        """L_T = sup(G) + sup(L) + lambda_cps * CPS(G, L) on the weak unlabeled view; then both EMA copies follow."""
+        """L_T = sup(G) + sup(L) + lambda_cps * CPS(G, L) on the weak unlabeled view; then both EMA copies follow.
+
+        image (B, 3, C, C) labeled crops, label (B, C, C) class ids (255 ignored), weak (B, 3, C, C) unlabeled
+        crops, ignore (B, C, C) bool, True on their padding. Returns {name: scalar loss}."""
         cfg, n = self.cfg, image.shape[0]
         both = torch.cat([image, weak])
         losses = {}
@@ -283,10 +404,11 @@ class Trainer:
         optimizers = [opt for opt, t in ((self.opt_swin, "swin"), (self.opt_res, "res")) if self.uses(t)]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        self.scaler_teachers.scale(loss).backward()
-        for opt in optimizers:
-            self.scaler_teachers.step(opt)
-        self.scaler_teachers.update()
+        if self.finite(loss, losses, "teachers"):
+            self.scaler_teachers.scale(loss).backward()
+            for opt in optimizers:
+                self.scaler_teachers.step(opt)
+            self.scaler_teachers.update()
         step, momentum = self.steps["teachers"], cfg["ema_momentum"]
         if self.uses("swin"):
             update_ema(self.swin_ema, self.swin, step, momentum)
@@ -296,16 +418,23 @@ class Trainer:
         return losses
 
     def student_step(self, image, label, weak, strong, ignore, box):
-        """L = L_l + lambda_u * (L_pl + lambda_dis * L_dis + lambda_glo * L_glo + lambda_loc * L_loc)."""
+        """L = L_l + lambda_u * (L_pl + lambda_dis * L_dis + lambda_glo * L_glo + lambda_loc * L_loc).
+
+        image (B, 3, C, C) and label (B, C, C) as in teacher_step; weak and strong (B, 3, C, C), the two views of
+        the same unlabeled crops; ignore (B, C, C) bool, True on their padding; box (B, C, C) bool, the CutMix box.
+        With --teachers none, weak, strong, ignore and box are None. Returns {name: scalar}: losses and shares."""
         cfg, n = self.cfg, image.shape[0]
         if cfg["teachers"] == "none":  # supervised-only baseline: the same loop, labeled images alone
             with self.autocast():
                 losses = {"sup": sup_loss(self.student_ddp(image), label, 0.7 if cfg["ohem"] else None)}
             return self._step_student(losses["sup"], losses)
-        # 1. The EMA teachers read the weak view. A lone teacher fills both roles (then L_dis is 0).
+        # 1. The EMA teachers read the weak view. A lone teacher (or the student's EMA copy, --teachers ema)
+        #    fills both roles (then L_dis is 0).
         with torch.no_grad(), self.autocast():
-            probs_swin = self.swin_ema(weak).float().softmax(dim=1) if self.uses("swin") else None
-            probs_res = self.res_ema(weak).float().softmax(dim=1) if self.uses("res") else None
+            probs_swin = self.swin_teacher(weak).float().softmax(dim=1) if self.uses("swin") else None
+            probs_res = self.res_teacher(weak).float().softmax(dim=1) if self.uses("res") else None
+            if self.ema_teacher is not None:
+                probs_swin = self.ema_teacher(weak).float().softmax(dim=1)
         probs_swin = probs_res if probs_swin is None else probs_swin
         probs_res = probs_swin if probs_res is None else probs_res
         # 2. CutMix: the box pastes another image of the batch into the strong view; its teachers' predictions
@@ -325,19 +454,42 @@ class Trainer:
         }
         unlabeled = losses["pl"] + cfg["lambda_dis"] * losses["dis"] + cfg["lambda_glo"] * losses["glo"] \
             + cfg["lambda_loc"] * losses["loc"]
+        losses |= pseudo_label_shares(probs_swin, probs_res, ignore, cfg["threshold"])
         return self._step_student(losses["sup"] + cfg["lambda_u"] * unlabeled, losses)
 
     def _step_student(self, loss, losses):
         self.opt_student.zero_grad(set_to_none=True)
-        self.scaler_student.scale(loss).backward()
-        self.scaler_student.step(self.opt_student)
-        self.scaler_student.update()
+        if self.finite(loss, losses, "student"):
+            self.scaler_student.scale(loss).backward()
+            self.scaler_student.step(self.opt_student)
+            self.scaler_student.update()
+        if self.student_ema is not None:
+            update_ema(self.student_ema, self.student, self.steps["student"], self.cfg["ema_momentum"])
         self.steps["student"] += 1
         return losses
 
+    def finite(self, loss, losses, stage):
+        """Whether to take this step: a NaN or inf loss (a diverging run) skips it, as GradScaler skips an fp16
+        overflow, and names itself in self.nonfinite for the loop to count; NONFINITE_LIMIT such steps in a row stop
+        the run. One sync a step; every rank agrees, so none waits in DDP's all-reduce for one that skipped."""
+        finite = torch.isfinite(loss.detach()).int()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():
+            self.nonfinite_in_a_row = 0
+            return True
+        name = next((name for name, value in losses.items() if not torch.isfinite(value)), "the total loss")
+        self.nonfinite, self.nonfinite_in_a_row = f"loss_{name}", self.nonfinite_in_a_row + 1
+        if self.nonfinite_in_a_row >= NONFINITE_LIMIT:
+            raise data.DataError(f"{self.nonfinite} was {float(losses.get(name, loss).detach()):.4g} at {stage} step "
+                                 f"{self.steps[stage] + 1} and in the {NONFINITE_LIMIT - 1} steps before: the run "
+                                 f"diverged and stopped (latest.pt keeps the last finished epoch); expected finite "
+                                 f"losses: lower --lr or --swin-lr, or --amp off")
+        return False
+
     def state_dict(self):
-        names = ["student", "swin", "res", "swin_ema", "res_ema", "opt_student", "opt_swin", "opt_res",
-                 "scaler_student", "scaler_teachers"]
+        names = ["student", "swin", "res", "swin_ema", "res_ema", "student_ema", "opt_student", "opt_swin",
+                 "opt_res", "scaler_student", "scaler_teachers"]
         return {name: getattr(self, name).state_dict() for name in names if getattr(self, name) is not None} \
             | {"steps": dict(self.steps)}
 
@@ -351,13 +503,16 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------ the loop
 def build_data(cfg, rank, world):
-    """The datasets. Rank 0 checks the data and writes the split lists first; the others then read them."""
+    """The datasets. Rank 0 checks the data (every file's header, so a broken image costs no training time) and
+    writes the split lists first; the others then read them."""
     build = lambda: data.build_datasets(cfg["dataset"], cfg["data_root"], split=cfg["split"],
                                         splits_dir=cfg["splits_dir"], crop_size=cfg["crop_size"], seed=cfg["seed"])
     datasets, problem = None, [None]
     if rank == 0:
         try:
             datasets = build()
+            for dataset in datasets[:3]:
+                data.check_headers(dataset)
         except data.DataError as error:
             problem = [str(error)]
     if world > 1:  # every rank learns whether rank 0 succeeded, so none waits forever
@@ -367,160 +522,262 @@ def build_data(cfg, rank, world):
     return datasets or build()
 
 
-def train(args, rank=0, world=1):
+@dataclass
+class Tally:
+    """What an epoch has added up so far; latest.pt carries it when a run stops mid-epoch."""
+    loss_sums: dict = field(default_factory=dict)  # name -> running sum, on the device: no sync per iteration
+    steps: int = 0  # iterations with finite losses: the count the sums are over
+    skipped: int = 0  # iterations with a NaN or inf loss, whose updates were skipped
+    seconds: float = 0.0
+
+    def add(self, losses):
+        for name, value in losses.items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value.detach().float()
+        self.steps += 1
+
+    def means(self):
+        return {name: float(total) / self.steps for name, total in self.loss_sums.items()}
+
+    def state_dict(self):
+        return {"loss_sums": {k: float(v) for k, v in self.loss_sums.items()}, "steps": self.steps,
+                "skipped": self.skipped, "seconds": self.seconds}
+
+
+def train(args, rank, world, stop):
+    """One process's share of a run: stage 1 trains the teachers, stage 2 the student. A signal (stop["signal"])
+    ends it after the current iteration with latest.pt saved; --resume then continues it exactly."""
+    cfg, checkpoint = run_config(args, world)
+    out, is_main = Path(args.out), rank == 0
     device = args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    out = Path(args.out)
-    latest = out / "latest.pt"
-    if args.resume:
-        if not latest.is_file():
-            raise data.DataError(f"--resume: {latest} does not exist (start without --resume, or name the --out)")
-        checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
-        cfg = checkpoint["config"]
-    else:
-        if latest.is_file():
-            raise data.DataError(f"--out {out} already holds a run: add --resume to continue it, or pick a new --out")
-        checkpoint, cfg = None, vars(args).copy()
-        for key in ("resume", "device", "gpus"):
-            cfg.pop(key)
-    stop = {"signal": 0}
-    def request_stop(signum, frame):  # finish the current iteration, save latest.pt, then exit
-        stop["signal"] = signum
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return _train(args, cfg, checkpoint, out, latest, rank, world, device, stop)
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
-
-
-def _train(args, cfg, checkpoint, out, latest, rank, world, device, stop):
-    is_main = rank == 0
-
+    if is_main:
+        require_writable_dir(out, "--out")
     labeled_set, unlabeled_set, val_set, info = build_data(cfg, rank, world)
     cfg.update(num_classes=info.num_classes, class_names=info.class_names, palette=[list(c) for c in info.palette])
-    if cfg["batch_size"] % world:
-        raise data.DataError(f"--batch-size {cfg['batch_size']} must be divisible by the {world} processes")
-    per_rank = cfg["batch_size"] // world
-    iters = len(unlabeled_set) // cfg["batch_size"]
-    if cfg["max_iters"]:
-        iters = min(iters, cfg["max_iters"])
-    if cfg["student_epochs"] == 0 and (cfg["teachers"] == "none" or cfg["teacher_epochs"] == 0):
-        raise data.DataError("--student-epochs 0 leaves nothing to train (it needs teachers and --teacher-epochs > 0)")
-    if iters == 0:
-        raise data.DataError(f"--batch-size {cfg['batch_size']} exceeds the {len(unlabeled_set)} unlabeled images")
-
+    iters = iterations_per_epoch(cfg, len(unlabeled_set))
     cfg["cps_rampup_iters"] = round(cfg["cps_rampup"] * iters)
     trainer = Trainer(cfg, rank, world, device)
-    teacher_epochs = 0 if cfg["teachers"] == "none" else cfg["teacher_epochs"]
+    teacher_epochs = cfg["teacher_epochs"] if trainer.trains_teachers else 0
     total_epochs = teacher_epochs + cfg["student_epochs"]
-    teacher_iters = iters * (teacher_epochs + (0 if cfg["freeze_teachers"] else cfg["student_epochs"]))
-    student_iters = iters * cfg["student_epochs"]
-    start_epoch, start_step, best_miou, meters = 0, 0, -1.0, {}
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint["trainer"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-        best_miou, meters = checkpoint["best_miou"], checkpoint["meters"]
-    elif cfg["teachers_from"]:
-        stage1_log = adopt_teachers(trainer, cfg, cfg["teachers_from"])
-        start_epoch = teacher_epochs
+    start_epoch, start_step, best_miou, tally = start_point(trainer, checkpoint, teacher_epochs, out, is_main)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        if checkpoint is None and cfg["teachers_from"]:  # the log reads as a straight run's: stage 1, then ours
-            (out / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in stage1_log))
         print(f"{cfg['dataset']} {cfg['split']}: {len(labeled_set)} labeled, {len(unlabeled_set)} unlabeled, "
               f"{len(val_set)} val; {iters} iterations per epoch; teachers: {cfg['teachers']}; "
               f"{world} process(es) on {args.device}, amp {cfg['amp']}; writing to {out}")
 
-    def checkpoint_state(epoch, step):
-        return {"trainer": trainer.state_dict(), "config": cfg, "epoch": epoch, "step": step, "best_miou": best_miou,
-                "meters": {k: float(v) for k, v in meters.items()}, "stage": "teachers" if epoch < teacher_epochs else "student"}
-
     for epoch in range(start_epoch, total_epochs):
         stage = "teachers" if epoch < teacher_epochs else "student"
-        step0 = start_step if epoch == start_epoch else 0
-        if step0 == 0:
-            meters = {}
-        labeled_set.set_epoch(epoch)
-        unlabeled_set.set_epoch(epoch)
-        length = iters * cfg["batch_size"]
-        labeled_idx = epoch_indices(len(labeled_set), length, cfg["seed"], 2 * epoch, rank, world)
-        unlabeled_idx = epoch_indices(len(unlabeled_set), length, cfg["seed"], 2 * epoch + 1, rank, world)
-        labeled_batches = loader(labeled_set, labeled_idx[step0 * per_rank:], per_rank, cfg["workers"], args.device)
-        unlabeled_batches = itertools.repeat(None) if cfg["teachers"] == "none" else \
-            loader(unlabeled_set, unlabeled_idx[step0 * per_rank:], per_rank, cfg["workers"], args.device)
-        batches = zip(labeled_batches, unlabeled_batches)  # the baseline never loads unlabeled images
-        bar = tqdm(batches, total=iters - step0, disable=not is_main, leave=False, dynamic_ncols=True,
-                   desc=f"{stage} epoch {epoch + 1}/{total_epochs}",
-                   mininterval=0.5 if sys.stderr.isatty() else 60)  # a job's log file gets a line a minute
-        started = time.time()
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for step, ((image, label), unlabeled) in enumerate(bar, start=step0):
-            # Randomness inside the networks (drop path) is a function of (seed, rank, epoch, step): a resumed run
-            # repeats the straight run exactly, with no RNG state to carry.
-            torch.manual_seed(hash((cfg["seed"], rank, epoch, step)) % 2 ** 62)
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-            weak, strong, ignore, box = (None,) * 4 if unlabeled is None else \
-                (t.to(device, non_blocking=True) for t in unlabeled)
-            losses = {}
-            if stage == "student":
-                poly_lr(trainer.opt_student, trainer.steps["student"], student_iters)
-                losses |= trainer.student_step(image, label, weak, strong, ignore, box)
-            if stage == "teachers" or (cfg["teachers"] != "none" and not cfg["freeze_teachers"]):
-                for optimizer in (trainer.opt_swin, trainer.opt_res):
-                    if optimizer is not None:
-                        poly_lr(optimizer, trainer.steps["teachers"], teacher_iters)
-                losses |= trainer.teacher_step(image, label, weak, ignore)
-            for name, value in losses.items():  # running sums stay on the device: no sync per iteration
-                meters[name] = meters.get(name, 0.0) + value.detach().float()
-            meters["count"] = meters.get("count", 0) + 1
-            if step % 10 == 0:  # reading the sums waits for the GPU, so not every iteration
-                bar.set_postfix({k: f"{float(v) / meters['count']:.3f}" for k, v in meters.items()
-                                 if k not in ("count", "seconds")}, refresh=False)
-            signalled = stop["signal"]
-            if world > 1:  # every rank must stop at the same iteration (one process needs no device sync)
-                flag = torch.tensor(signalled, device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                signalled = int(flag.item())
-            if signalled:
-                meters["seconds"] = meters.get("seconds", 0.0) + time.time() - started
-                if is_main:
-                    save_atomic(checkpoint_state(epoch, step + 1), latest)
-                    print(f"\nstopped by signal {int(signalled)}; saved {latest}; continue with --resume --out {out}")
-                return {"signal": int(signalled)}
-        seconds = meters.pop("seconds", 0.0) + time.time() - started  # including the part before a resume
-        record = {"stage": stage, "epoch": epoch + 1, "iterations": iters}
-        record |= {f"loss_{k}": float(v) / meters["count"] for k, v in meters.items() if k != "count"}
-        for name in ("student", "swin", "res"):  # the head's learning rate (the last parameter group)
-            optimizer = getattr(trainer, f"opt_{name}")
-            if optimizer is not None:
-                record[f"lr_{name}"] = optimizer.param_groups[-1]["lr"]
-        images_per_step = cfg["batch_size"] * (1 if cfg["teachers"] == "none" else 2)
-        record |= {"images_per_s": iters * images_per_step / seconds, "seconds": seconds,
-                   "peak_mem_mb": peak_memory_mb(args.device)}
-        last_of_stage = epoch + 1 in (teacher_epochs, total_epochs)
-        if (epoch + 1) % cfg["eval_every"] == 0 or last_of_stage:
-            record |= evaluate_all(trainer, val_set, info, cfg, stage, device, out / "vis" / f"epoch_{epoch + 1:03d}.png",
-                                   is_main)
+        first_step = start_step if epoch == start_epoch else 0
+        tally = tally if first_step else Tally()
+        # the epoch's batches, from the iteration where a stopped run left off
+        batches = epoch_batches(trainer, labeled_set, unlabeled_set, epoch, first_step, iters)
+        # its iterations, until the batches run out or a signal asks the run to stop
+        step, signalled = train_epoch(trainer, batches, tally, stage, epoch, first_step, iters, total_epochs, stop)
+        if signalled:
+            if is_main:
+                save_atomic(run_state(trainer, epoch, step, best_miou, tally, teacher_epochs), out / "latest.pt")
+                print(f"\nstopped by signal {signalled}; saved {out / 'latest.pt'}; continue with --resume --out {out}")
+            return {"signal": signalled}
+        # the epoch's record: mean losses, skipped steps, learning rates, speed (of finite weights only)
+        require_finite_weights(trainer, epoch, out)
+        record = epoch_record(trainer, stage, epoch, iters, tally)
+        # evaluation every eval_every epochs and at the end of each stage; best.pt holds the best student
+        if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 in (teacher_epochs, total_epochs):
+            record |= evaluate_all(trainer, val_set, info, stage, out / "vis" / f"epoch_{epoch + 1:03d}.png")
             if stage == "student" and record["miou_student"] > best_miou:
                 best_miou = record["miou_student"]
                 if is_main:
                     save_atomic({"student": trainer.student.state_dict(), "config": cfg, "miou": best_miou,
                                  "epoch": epoch + 1}, out / "best.pt")
+        # latest.pt and the log, every epoch
         if is_main:
-            save_atomic(checkpoint_state(epoch + 1, 0), latest)
-            with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            save_atomic(run_state(trainer, epoch + 1, 0, best_miou, tally, teacher_epochs), out / "latest.pt")
+            append_record(out / "log.jsonl", record)
     if is_main:
-        final = next((json.loads(l) for l in reversed((out / "log.jsonl").read_text().splitlines())), {})
-        if "miou_student" in final:
-            print(f"student mIoU: {final['miou_student']:.2f} (best {best_miou:.2f}; checkpoints in {out})")
-        else:  # --student-epochs 0: the teachers alone were trained
-            print(", ".join(f"{name} mIoU: {final[f'miou_{name}']:.2f}" for name in ("swin", "res")
-                            if f"miou_{name}" in final) + f" (teachers only; checkpoints in {out})")
+        print_summary(out, best_miou)
     return {"best_miou": best_miou}
+
+
+# --resume continues a run with its saved settings. A flag that differs from them is refused, except these: they
+# change how a run goes (how many loader processes, how often it is scored), never what it trains. --device and
+# --gpus are not settings of a run: a run may continue on another machine.
+RESUME_MAY_CHANGE = ("workers", "eval_every")
+RESUME_KEYS = ("trainer", "config", "epoch", "step", "best_miou")
+NONFINITE_LIMIT = 20  # steps in a row with a NaN or inf loss (each skipped) after which a run stops
+
+
+def run_config(args, world):
+    """The run's settings, and with --resume its latest.pt: the saved settings, with the flags that name one of
+    RESUME_MAY_CHANGE applied; any other flag that differs from the saved run is a one-line error."""
+    out, latest = Path(args.out), Path(args.out) / "latest.pt"
+    cfg = {key: value for key, value in vars(args).items() if key not in ("resume", "device", "gpus", "given")}
+    if not args.resume:
+        if latest.is_file():
+            raise data.DataError(f"--out {out} already holds a run: add --resume to continue it, or pick a new --out")
+        check_settings(cfg, world, args.device)
+        return cfg, None
+    if not latest.is_file():
+        raise data.DataError(f"--resume: {latest} does not exist (start without --resume, or name the --out)")
+    checkpoint = read_checkpoint(latest, "--resume", RESUME_KEYS, "the latest.pt of a train.py run (best.pt holds "
+                                 "the student alone)")
+    saved = checkpoint["config"]
+    for key in sorted(args.given & set(cfg) - set(RESUME_MAY_CHANGE) - {"out"}):
+        if cfg[key] != saved.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise data.DataError(f"--resume: the run in {out} has {flag} {saved.get(key)}, this command {cfg[key]}; "
+                                 f"drop {flag} to continue it as it was, or start a new --out (a resumed run may "
+                                 f"change only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)})")
+    cfg = saved | {key: cfg[key] for key in args.given & set(RESUME_MAY_CHANGE)}
+    check_settings(cfg, world, args.device)
+    return cfg, checkpoint
+
+
+def iterations_per_epoch(cfg, num_unlabeled):
+    """An epoch is one pass over the unlabeled set (the labeled set is cycled to its length), or max_iters."""
+    iters = num_unlabeled // cfg["batch_size"]
+    if iters == 0:
+        raise data.DataError(f"--batch-size {cfg['batch_size']} exceeds the {num_unlabeled} unlabeled images")
+    return min(iters, cfg["max_iters"]) if cfg["max_iters"] else iters
+
+
+def start_point(trainer, checkpoint, teacher_epochs, out, is_main):
+    """(epoch, step, best student mIoU, tally) to start from: a new run's, --resume's saved point, or the start of
+    stage 2 with the teachers of --teachers-from. Rank 0 writes config.json."""
+    cfg, start = trainer.cfg, (0, 0, -1.0, Tally())
+    stage1_log = []
+    if checkpoint is not None:
+        try:
+            trainer.load_state_dict(checkpoint["trainer"])
+        except (RuntimeError, KeyError, ValueError, AttributeError) as error:
+            raise data.DataError(f"--resume: {out / 'latest.pt'} does not fit its own config ({one_line(error)[:150]}"
+                                 f"); expected the file as train.py wrote it") from None
+        saved = checkpoint.get("tally") or {}
+        start = (checkpoint["epoch"], checkpoint["step"], checkpoint["best_miou"], Tally(**saved))
+    elif cfg["teachers_from"]:
+        stage1_log = adopt_teachers(trainer, cfg, cfg["teachers_from"])
+        start = (teacher_epochs, 0, -1.0, Tally())
+    if is_main:
+        write_file(out / "config.json", json.dumps(cfg, indent=1))
+        if stage1_log:  # the log reads as a straight run's: stage 1, then ours
+            write_file(out / "log.jsonl", "".join(json.dumps(record) + "\n" for record in stage1_log))
+    return start
+
+
+def epoch_batches(trainer, labeled_set, unlabeled_set, epoch, first_step, iters):
+    """This rank's (labeled, unlabeled) batches of one epoch from `first_step` on, a pure function of (seed, epoch):
+    a resumed run reads the batches the straight run read. The baseline never loads unlabeled images."""
+    cfg, rank, world = trainer.cfg, trainer.rank, trainer.world
+    per_rank, length = cfg["batch_size"] // world, iters * cfg["batch_size"]
+    device_type = torch.device(trainer.device).type
+    labeled_set.set_epoch(epoch)
+    unlabeled_set.set_epoch(epoch)
+    labeled_order = data.epoch_indices(len(labeled_set), length, cfg["seed"], 2 * epoch, rank, world)
+    unlabeled_order = data.epoch_indices(len(unlabeled_set), length, cfg["seed"], 2 * epoch + 1, rank, world)
+    labeled = data.loader(labeled_set, labeled_order[first_step * per_rank:], per_rank, cfg["workers"], device_type)
+    unlabeled = itertools.repeat(None) if cfg["teachers"] == "none" else \
+        data.loader(unlabeled_set, unlabeled_order[first_step * per_rank:], per_rank, cfg["workers"], device_type)
+    return zip(labeled, unlabeled)
+
+
+def train_epoch(trainer, batches, tally, stage, epoch, first_step, iters, total_epochs, stop):
+    """The epoch's iterations from `first_step`, each one's losses added to `tally` (a skipped one counted).
+    Returns (the step after the last one run, the signal that asks the run to stop or 0)."""
+    cfg, device, step, signalled = trainer.cfg, trainer.device, first_step - 1, 0
+    bar = tqdm(batches, total=iters - first_step, disable=trainer.rank != 0, leave=False, dynamic_ncols=True,
+               desc=f"{stage} epoch {epoch + 1}/{total_epochs}",
+               mininterval=0.5 if sys.stderr.isatty() else 60)  # a job's log file gets a line a minute
+    started = time.time()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for step, ((image, label), unlabeled) in enumerate(bar, start=first_step):
+        # Randomness inside the networks (drop path) is a function of (seed, rank, epoch, step): a resumed run
+        # repeats the straight run exactly, with no RNG state to carry.
+        torch.manual_seed(hash((cfg["seed"], trainer.rank, epoch, step)) % 2 ** 62)
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        weak, strong, ignore, box = (None,) * 4 if unlabeled is None else \
+            (t.to(device, non_blocking=True) for t in unlabeled)
+        trainer.nonfinite = None
+        losses = {}
+        if stage == "student":
+            poly_lr(trainer.opt_student, trainer.steps["student"], iters * cfg["student_epochs"])
+            losses |= trainer.student_step(image, label, weak, strong, ignore, box)
+        if stage == "teachers" or (trainer.trains_teachers and not cfg["freeze_teachers"]):
+            teacher_epochs = cfg["teacher_epochs"] + (0 if cfg["freeze_teachers"] else cfg["student_epochs"])
+            for optimizer in (trainer.opt_swin, trainer.opt_res):
+                if optimizer is not None:
+                    poly_lr(optimizer, trainer.steps["teachers"], iters * teacher_epochs)
+            losses |= trainer.teacher_step(image, label, weak, ignore)
+        if trainer.nonfinite is None:
+            tally.add(losses)
+        else:
+            tally.skipped += 1
+        if step % 10 == 0 and tally.steps:  # reading the sums waits for the GPU, so not every iteration
+            bar.set_postfix({name: f"{mean:.3f}" for name, mean in tally.means().items()}, refresh=False)
+        signalled = stop_signal(stop, trainer)
+        if signalled:
+            break
+    tally.seconds += time.time() - started  # including the part before a resume
+    return step + 1, signalled
+
+
+def stop_signal(stop, trainer):
+    """The signal that asks the run to stop (0: none), the same on every rank so that all stop at one iteration."""
+    if trainer.world == 1:  # one process needs no device sync
+        return stop["signal"]
+    flag = torch.tensor(stop["signal"], device=trainer.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def require_finite_weights(trainer, epoch, out):
+    """A run whose weights hold NaN or inf stops before they reach latest.pt or best.pt (its last latest.pt stays)."""
+    for name in ("student", "swin", "res"):
+        model = getattr(trainer, name)
+        if model is not None and not torch.isfinite(sum(p.detach().float().sum() for p in model.parameters())):
+            raise data.DataError(f"the {name} weights hold NaN or inf after epoch {epoch + 1} (the run diverged); "
+                                 f"{out / 'latest.pt'} keeps the epoch before; expected finite weights: lower --lr "
+                                 f"or --swin-lr")
+
+
+def epoch_record(trainer, stage, epoch, iters, tally):
+    """One line of log.jsonl: the mean losses over the epoch's finite steps, how many steps were skipped, the head's
+    learning rate (the last parameter group) of each optimiser, images a second, memory."""
+    cfg = trainer.cfg
+    record = {"stage": stage, "epoch": epoch + 1, "iterations": iters, "skipped_steps": tally.skipped}
+    record |= {(k if k.startswith("share_") else f"loss_{k}"): mean for k, mean in tally.means().items()}
+    for name in ("student", "swin", "res"):
+        optimizer = getattr(trainer, f"opt_{name}")
+        if optimizer is not None:
+            record[f"lr_{name}"] = optimizer.param_groups[-1]["lr"]
+    images_per_step = cfg["batch_size"] * (1 if cfg["teachers"] == "none" else 2)
+    return record | {"images_per_s": iters * images_per_step / tally.seconds, "seconds": tally.seconds,
+                     "peak_mem_mb": peak_memory_mb(trainer.device)}
+
+
+def run_state(trainer, epoch, step, best_miou, tally, teacher_epochs):
+    """Everything latest.pt holds to resume exactly: the trainer, the settings, where the run stands."""
+    return {"trainer": trainer.state_dict(), "config": trainer.cfg, "epoch": epoch, "step": step,
+            "best_miou": best_miou, "tally": tally.state_dict(),
+            "stage": "teachers" if epoch < teacher_epochs else "student"}
+
+
+def append_record(path, record):
+    """Append one JSON line to log.jsonl (a NaN, say an mIoU of no pixels, is written null: the file stays JSON)."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    try:
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise write_error(path, error) from None
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def print_summary(out, best_miou):
+    final = next((json.loads(l) for l in reversed((out / "log.jsonl").read_text().splitlines())), {})
+    if "miou_student" in final:
+        print(f"student mIoU: {final['miou_student']:.2f} (best {best_miou:.2f}; checkpoints in {out})")
+    else:  # --student-epochs 0: the teachers alone were trained
+        print(", ".join(f"{name} mIoU: {final[f'miou_{name}']:.2f}" for name in ("swin", "res")
+                        if f"miou_{name}" in final) + f" (teachers only; checkpoints in {out})")
 
 
 # What stage 1 does not depend on: the student's losses and schedule (its epochs too, when the teachers are frozen
@@ -537,9 +794,9 @@ def adopt_teachers(trainer, cfg, run_dir):
     source = Path(run_dir) / "latest.pt"
     if not source.is_file():
         raise data.DataError(f"--teachers-from {run_dir}: no latest.pt there (expected a run directory)")
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    state = read_checkpoint(source, "--teachers-from", RESUME_KEYS, "the latest.pt of a train.py run")
     theirs = state["config"]
-    if cfg["teachers"] == "none" or cfg["teacher_epochs"] == 0:
+    if cfg["teachers"] in ("none", "ema") or cfg["teacher_epochs"] == 0:
         raise data.DataError("--teachers-from needs teachers (--teachers both|swin|res and --teacher-epochs > 0)")
     ignored = NOT_STAGE_1 | ({"student_epochs"} if cfg["freeze_teachers"] else set())
     for key in sorted(set(cfg) | set(theirs)):
@@ -554,46 +811,79 @@ def adopt_teachers(trainer, cfg, run_dir):
     if not cfg["freeze_teachers"] and state["epoch"] != cfg["teacher_epochs"]:
         raise data.DataError(f"--teachers-from {run_dir}: its teachers trained on in stage 2, so they are no longer "
                              "those of the end of stage 1 (it would work with --freeze-teachers)")
-    for name in ("swin", "res", "swin_ema", "res_ema", "opt_swin", "opt_res", "scaler_teachers"):
-        if name in state["trainer"]:
-            getattr(trainer, name).load_state_dict(state["trainer"][name])
-    trainer.steps["teachers"] = state["trainer"]["steps"]["teachers"]
+    try:
+        for name in ("swin", "res", "swin_ema", "res_ema", "opt_swin", "opt_res", "scaler_teachers"):
+            if name in state["trainer"]:
+                getattr(trainer, name).load_state_dict(state["trainer"][name])
+        trainer.steps["teachers"] = state["trainer"]["steps"]["teachers"]
+    except (RuntimeError, KeyError, ValueError, AttributeError) as error:
+        raise data.DataError(f"--teachers-from {source}: does not fit its own config ({one_line(error)[:150]}); "
+                             f"expected the file as train.py wrote it") from None
     log = Path(run_dir) / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     return [record for record in records if record["stage"] == "teachers"]
 
 
 @torch.no_grad()
-def evaluate_all(trainer, val_set, info, cfg, stage, device, panel_path, is_main):
+def evaluate_all(trainer, val_set, info, stage, panel_path):
     """mIoU of the EMA teachers (and the student in stage 2), and a picture: image | truth | G | L | S."""
+    cfg, device = trainer.cfg, trainer.device
     models = {"swin": trainer.swin_ema if trainer.uses("swin") else None,
               "res": trainer.res_ema if trainer.uses("res") else None,
-              "student": trainer.student if stage == "student" else None}
+              "ema": trainer.student_ema, "student": trainer.student if stage == "student" else None}
+    models = {name: model for name, model in models.items() if model is not None}
     inference = dict(mode=cfg["eval_mode"], window=cfg["eval_window"], stride=max(1, cfg["eval_window"] * 2 // 3))
     record = {}
     for name, model in models.items():
-        if model is not None and dist.is_initialized():
+        if dist.is_initialized():
             # BatchNorm statistics are per rank unless synced (SyncBatchNorm is CUDA-only): evaluate, and save,
             # the weights of rank 0 on every rank, so the reported mIoU belongs to the saved checkpoint.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        if model is not None:
-            result = evaluate(model, val_set, info.num_classes, device, amp_dtype=trainer.amp_dtype, **inference)
-            record[f"miou_{name}"] = result["miou"]
-    if is_main:
-        rows = []
-        for i in range(min(3, len(val_set))):
-            image, mask = val_set[i]
-            row = [denormalize(image), data.colorize(mask, info.palette)]
-            for model in models.values():
-                if model is not None:
-                    was_training = model.training
-                    prediction = predict(model.eval(), image[None].to(device), info.num_classes, **inference)
-                    model.train(was_training)
-                    row.append(data.colorize(prediction.argmax(dim=1)[0].cpu(), info.palette))
-            rows.append(row)
-        save_panel(panel_path, rows)
+        result = evaluate(model, val_set, info.num_classes, device, amp_dtype=trainer.amp_dtype, **inference)
+        record[f"miou_{name}"] = result["miou"]
+    if trainer.rank == 0:
+        rows = prediction_rows(list(models.values()), val_set, info, device, count=3, **inference)
+        try:
+            save_panel(panel_path, rows)
+        except OSError as error:
+            raise write_error(panel_path, error) from None
     return record
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def main(argv=None):
+    """Check the flags and this machine, then train: here, or in --gpus N processes; a mistake is one line."""
+    try:
+        args = parse_args(argv)
+        check_hardware(args)
+        result = spawn(args) if args.gpus > 1 and "RANK" not in os.environ else run(args)
+    except data.DataError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    if result.get("signal"):  # stopped by a signal with the state saved: exit as that signal asks
+        sys.exit(128 + result["signal"])
+
+
+def run(args):
+    """Train in this process: alone, or as one rank of torchrun / --gpus N (read from the environment). SIGTERM and
+    SIGINT (a scheduler's stop, Ctrl-C) ask the loop to stop after the current iteration, with latest.pt saved."""
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    stop = {"signal": 0}
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if distributed:
+            dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+            if args.device == "cuda":
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return train(args, *((dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)), stop)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 def worker(rank, args, world, port):
@@ -606,20 +896,6 @@ def worker(rank, args, world, port):
         if rank == 0:
             print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
-
-
-def run(args):
-    """Train in this process: alone, or as one rank of torchrun / --gpus N (read from the environment)."""
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    try:
-        return train(args, *((dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)))
-    finally:
-        if distributed:
-            dist.destroy_process_group()
 
 
 def spawn(args):
@@ -642,17 +918,6 @@ def spawn(args):
     except mp.ProcessExitedException as failure:
         sys.exit(failure.exit_code if failure.exit_code and failure.exit_code > 0 else 1)
     return {"signal": received["signal"]}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        result = spawn(args) if args.gpus > 1 and "RANK" not in os.environ else run(args)
-    except data.DataError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(2)
-    if result.get("signal"):  # stopped by a signal with the state saved: exit as that signal asks
-        sys.exit(128 + result["signal"])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 student receives from its EMA teachers, against those images' ground truth (a `folder` dataset has masks for
 every training image; the run never saw them). This is a diagnosis, not part of training.
 
-    python bench/pseudo_labels.py --run bench/results/quality/runs/igl-dt_s0          # the run's latest.pt
+    python bench/pseudo_labels.py --run bench/results/quality_cpu_camvid/runs/igl-dt_s0  # the run's latest.pt
     python bench/pseudo_labels.py --run RUN --limit 60 --thresholds 0 0.5 0.7 0.9
 
 For the two teachers G (Swin-UNet) and L (ResUNet) on the weak view (here: the whole image, no augmentation):
@@ -90,7 +90,8 @@ def main(argv=None):
     if cfg["teachers"] != "both":
         raise data.DataError(f"--run {args.run} trained with --teachers {cfg['teachers']}; expected both")
     root = args.data_root or cfg["data_root"]
-    listing = os.path.join(cfg["splits_dir"], cfg["dataset"], cfg["split"].replace("/", "_"), "unlabeled.txt")
+    listing = os.path.join(data.split_directory(cfg["splits_dir"], cfg["dataset"], cfg["data_root"], cfg["split"]),
+                           "unlabeled.txt")
     pairs = [(image, mask) for image, mask in data.read_split_file(listing, False) if mask]
     if not pairs:
         raise data.DataError(f"{listing} names no masks for its unlabeled images; nothing to measure against")

@@ -1,7 +1,8 @@
-"""What each part of IGL-DT costs: seconds, images/s and peak memory of one training step of each kind, at one size.
+"""What each part of IGL-DT costs: seconds, images/s, peak memory and achieved TFLOP/s of one training step of each
+kind, at one size.
 
-    python bench/speed.py                                                # the README's CPU figures (folder defaults)
-    python bench/speed.py --dataset voc --device cuda --amp bf16 --iters 50   # on a GPU, at the paper's VOC size
+    python bench/speed.py --compare amp                                   # CPU: fp32 against bf16, folder defaults
+    python bench/speed.py --dataset voc --device cuda --compare compile   # GPU: eager against compiled, VOC size
 
 The kinds are calls of train.py's Trainer, built as train.py builds it, on random tensors of the shapes its data
 loaders yield (B labeled images and masks; B unlabeled weak and strong views, ignore masks and CutMix boxes):
@@ -10,9 +11,18 @@ loaders yield (B labeled images and masks; B unlabeled weak and strong views, ig
   igl-dt          stage 2 as train.py runs it: student_step (the EMA teachers read the weak view, the student
                   reads B labeled + B strong images, all five losses), then teacher_step (the teachers co-train)
   igl-dt-frozen   stage 2 with --freeze-teachers: student_step alone
+  ema             student_step with --teachers ema: the student's EMA copy reads the weak view (the one-teacher
+                  baseline, Mean Teacher with a FixMatch threshold), then the EMA update
 overhead = seconds per step of a kind / seconds per supervised step; that of igl-dt is the method's cost.
 images_per_s counts every image a step reads (B for supervised, 2B for the others); labeled_images_per_s counts
 the B labeled ones, the rate at which an epoch goes by.
+
+FLOPs are those of one step (forward, backward and the teachers' no-grad passes) counted by
+torch.utils.flop_counter on the eager path; tflops_per_s = FLOPs / seconds per step, and mfu = tflops_per_s / the
+device's dense peak for the step's precision (PEAK_TFLOPS below, or --peak-tflops; none for a CPU unless given).
+--compare amp (fp32 against bf16) or --compare compile (eager against torch.compile) times every kind under both
+settings in one invocation, alternating, and reports the speed-up of each kind (ratios), so that a ratio never
+mixes two runs taken at different times.
 
 Each kind runs in a fresh process, so its peak memory is its own: on CUDA, torch.cuda.max_memory_allocated over
 the timed steps (weights, optimiser state, activations); on the CPU, the growth of the maximum resident set size
@@ -31,13 +41,22 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's data.py and models.py, not the ones in bench/
 import data  # noqa: E402
 import train  # noqa: E402
 
-KINDS = ["supervised", "teachers", "igl-dt", "igl-dt-frozen"]
+KINDS = ["supervised", "teachers", "igl-dt", "igl-dt-frozen", "ema"]
+TEACHERS = {"supervised": "none", "ema": "ema"}  # the others hold both teachers
+# Dense (no sparsity) peak TFLOP/s of the tensor cores, by a substring of torch.cuda.get_device_name(), per
+# precision; fp32 here means TF32 tensor cores (PyTorch's default for convolutions, not for matmuls).
+PEAK_TFLOPS = {"H200": {"bf16": 989, "fp16": 989, "off": 495}, "H100": {"bf16": 989, "fp16": 989, "off": 495},
+               "A100": {"bf16": 312, "fp16": 312, "off": 156}, "L40S": {"bf16": 362, "fp16": 362, "off": 183},
+               "L4": {"bf16": 121, "fp16": 121, "off": 60}, "A10": {"bf16": 125, "fp16": 125, "off": 62.5}}
+COMPARE = {"amp": ("--amp", ["off", "bf16"]), "compile": ("--compile", [False, True]),
+           "channels-last": ("--channels-last", [False, True])}
 
 
 def parse_args(argv):
@@ -54,10 +73,20 @@ def parse_args(argv):
     p.add_argument("--res-width", type=int, help="ResUNet first-stage width" + default)
     p.add_argument("--num-classes", type=int, default=11, help="(default: 11, as CamVid)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="(default: bf16 on a GPU that has it, else off)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"],
+                   help="(default: train.py's, bf16 on a GPU or CPU that computes it natively, else off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="train.py --compile: the compiled path (default: eager)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="train.py --channels-last (default: train.py's)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    p.add_argument("--compare", choices=list(COMPARE), help="time every kind under both settings: amp = off "
+                   "against bf16, compile = eager against compiled (at --amp)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for the step's precision, for MFU "
+                   "(default: from PEAK_TFLOPS by the GPU's name; none for a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="(default: all four)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="(default: all)")
     p.add_argument("--kind", choices=KINDS, help="measure this one kind in this process (what each child does)")
     return p.parse_args(argv)
 
@@ -67,9 +96,13 @@ def trainer_config(args, teachers):
     argv = ["--dataset", args.dataset, "--device", args.device, "--teachers", teachers, "--pretrained", "none",
             "--pretrained-swin", "none", "--pretrained-res", "none"]  # random weights: nothing to download
     for flag, value in [("--crop-size", args.crop), ("--batch-size", args.batch), ("--backbone", args.backbone),
-                        ("--swin-dim", args.swin_dim), ("--res-width", args.res_width), ("--amp", args.amp)]:
+                        ("--swin-dim", args.swin_dim), ("--res-width", args.res_width), ("--amp", args.amp),
+                        ("--compile-mode", args.compile_mode)]:
         if value is not None:
             argv += [flag, str(value)]
+    argv += ["--compile" if args.compile else "--no-compile"]
+    if args.channels_last is not None:
+        argv += ["--channels-last" if args.channels_last else "--no-channels-last"]
     if args.swin_depths:
         argv += ["--swin-depths", *map(str, args.swin_depths)]
     cfg = vars(train.parse_args(argv))
@@ -87,11 +120,8 @@ def resident_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def measure(args, kind):
-    """Time `args.iters` steps of one kind after `args.warmup` untimed ones; seconds, images/s, peak memory."""
-    cfg = trainer_config(args, "none" if kind == "supervised" else "both")
-    device, cuda = args.device, args.device == "cuda"
-    trainer = train.Trainer(cfg, rank=0, world=1, device=device)
+def step_function(trainer, cfg, kind, device):
+    """One training step of `kind` on fixed random tensors of the shapes the data loaders yield."""
     b, c, k = cfg["batch_size"], cfg["crop_size"], cfg["num_classes"]
     image, weak, strong = (torch.randn(b, 3, c, c, device=device) for _ in range(3))  # like normalised pixels
     label = torch.randint(0, k, (b, c, c), device=device)
@@ -104,13 +134,33 @@ def measure(args, kind):
             trainer.student_step(image, label, weak, strong, ignore, box)
         if kind in ("teachers", "igl-dt"):
             trainer.teacher_step(image, label, weak, ignore)
+    return step
 
+
+def step_flops(args, kind):
+    """FLOPs of one eager step of `kind` (the compiled path computes the same)."""
+    cfg = trainer_config(args, TEACHERS.get(kind, "both")) | {"compile": False}
+    step = step_function(train.Trainer(cfg, rank=0, world=1, device=args.device), cfg, kind, args.device)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(args, kind):
+    """Time `args.iters` steps of one kind after `args.warmup` untimed ones; seconds, images/s, peak memory, FLOPs."""
+    cfg = trainer_config(args, TEACHERS.get(kind, "both"))
+    device, cuda = args.device, args.device == "cuda"
+    trainer = train.Trainer(cfg, rank=0, world=1, device=device)
+    b = cfg["batch_size"]
+    step = step_function(trainer, cfg, kind, device)
+    warmup_start = time.perf_counter()
     rss_before = resident_mb()
     for _ in range(args.warmup):
         step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - warmup_start  # with --compile, mostly compilation
     start = time.perf_counter()
     for _ in range(args.iters):
         step()
@@ -120,8 +170,20 @@ def measure(args, kind):
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before  # ru_maxrss is in KiB on Linux
     images = b if kind == "supervised" else 2 * b
+    del trainer, step  # the FLOP count's eager trainer comes after the memory reading, so it adds nothing to it
+    flops = step_flops(args, kind)
+    tflops = flops / seconds / 1e12
+    peak_tflops = args.peak_tflops or (peak_table(args.device).get(cfg["amp"]) if cuda else None)
     return {"seconds_per_step": round(seconds, 4), "images_per_s": round(images / seconds, 2),
-            "labeled_images_per_s": round(b / seconds, 2), "peak_mem_mb": round(peak, 1)}
+            "labeled_images_per_s": round(b / seconds, 2), "peak_mem_mb": round(peak, 1),
+            "gflops_per_step": round(flops / 1e9, 1), "tflops_per_s": round(tflops, 3),
+            "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None, "warmup_s": round(warmup_s, 1),
+            "amp": cfg["amp"], "compile": cfg["compile"]}
+
+
+def peak_table(device):
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    return next((peaks for key, peaks in PEAK_TFLOPS.items() if key in name), {})
 
 
 def machine(device):
@@ -135,6 +197,32 @@ def machine(device):
             "torch": torch.__version__, "load_average": round(os.getloadavg()[0], 2)}
 
 
+def commit():
+    """The repository's commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_kind(argv, kind, extra=()):
+    """One kind in a fresh process (so its peak memory is its own); its result."""
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, *extra, "--kind", kind],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"error: {kind} failed:\n{child.stderr}")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def overheads(results):
+    base = results["supervised"]["seconds_per_step"]
+    return {kind: round(r["seconds_per_step"] / base, 2) for kind, r in results.items() if kind != "supervised"}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -142,22 +230,37 @@ def main(argv=None):
         print(json.dumps(measure(args, args.kind)))
         return
     cfg = trainer_config(args, "both")
-    results = {}
-    for kind in args.kinds:
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--kind", kind],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"error: {kind} failed:\n{child.stderr}")
-        results[kind] = json.loads(child.stdout.splitlines()[-1])
-        print(f"{kind}: {results[kind]}", file=sys.stderr)
     settings = {key: cfg[key] for key in ("dataset", "crop_size", "batch_size", "num_classes", "backbone",
-                                          "output_stride", "swin_dim", "swin_depths", "res_width", "amp")}
+                                          "output_stride", "swin_dim", "swin_depths", "res_width", "amp", "compile",
+                                          "channels_last")}
     report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup},
-              "machine": machine(args.device), "kinds": results}
-    if "supervised" in results:
-        base = results["supervised"]["seconds_per_step"]
-        report["overhead_vs_supervised"] = {kind: round(r["seconds_per_step"] / base, 2)
-                                            for kind, r in results.items() if kind != "supervised"}
+              "machine": machine(args.device), "commit": commit(), "command": " ".join(["python bench/speed.py", *argv])}
+    if args.compare is None:
+        results = {}
+        for kind in args.kinds:
+            results[kind] = run_kind(argv, kind)
+            print(f"{kind}: {results[kind]}", file=sys.stderr)
+        report["kinds"] = results
+        if "supervised" in results:
+            report["overhead_vs_supervised"] = overheads(results)
+    else:  # both settings of each kind one after the other, so that each ratio comes from one stretch of time
+        flag, values = COMPARE[args.compare]
+        labels = {"off": "fp32", "bf16": "bf16"} | ({False: "nchw", True: "channels_last"} if
+                                                     args.compare == "channels-last" else {False: "eager", True: "compiled"})
+        results = {labels[value]: {} for value in values}
+        for kind in args.kinds:
+            for value in values:
+                extra = [flag, value] if isinstance(value, str) else [flag if value else "--no-" + flag[2:]]
+                results[labels[value]][kind] = run_kind(argv, kind, extra)
+                print(f"{kind} {labels[value]}: {results[labels[value]][kind]}", file=sys.stderr)
+        first, second = (labels[value] for value in values)
+        report["settings"].pop({"amp": "amp", "compile": "compile"}.get(args.compare), None)
+        report["kinds"] = results
+        report[f"speedup_{second}_vs_{first}"] = {
+            kind: round(results[first][kind]["seconds_per_step"] / results[second][kind]["seconds_per_step"], 2)
+            for kind in args.kinds}
+        if "supervised" in args.kinds:
+            report["overhead_vs_supervised"] = {label: overheads(r) for label, r in results.items()}
     print(json.dumps(report, indent=1))
 
 

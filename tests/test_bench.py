@@ -1,6 +1,7 @@
 """The bench scripts' own logic: the diagnosis's pixel counts (bench/pseudo_labels.py), worked by hand on four
-pixels, the dev set (bench/dev_set.py), the quality benchmark's shared teachers (bench/quality.py) and the
-speed benchmark's random weights (bench/speed.py)."""
+pixels, the dev set (bench/dev_set.py), the quality benchmark's shared teachers (bench/quality.py), the
+speed benchmark's random weights (bench/speed.py), and that no script in bench/ takes a top-level module's name."""
+import glob
 import importlib.util
 import json
 import os
@@ -9,6 +10,13 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+module_names = lambda folder: {os.path.basename(path)[:-3] for path in glob.glob(os.path.join(folder, "*.py"))}
+
+
+def test_no_bench_script_shadows_a_top_level_module():
+    # `python bench/x.py` puts bench/ first on sys.path: a bench/data.py would be what `import data` finds there.
+    assert {"data", "models", "losses", "train", "evaluate"} <= module_names(REPO)
+    assert not module_names(os.path.join(REPO, "bench")) & module_names(REPO)
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,8 @@ def test_same_seed_gives_same_split(folder, tmp_path):
     lists = []
     for run, seed in enumerate([0, 0, 1]):
         build_datasets("folder", str(folder), "1/4", str(tmp_path / f"run{run}"), seed=seed)
-        lists.append((tmp_path / f"run{run}" / "folder" / "1_4" / "labeled.txt").read_text())
+        directory = data.split_directory(tmp_path / f"run{run}", "folder", folder, "1/4")
+        lists.append(Path(directory, "labeled.txt").read_text())
     assert lists[0] == lists[1]
     assert lists[0] != lists[2]
 
@@ -252,7 +253,8 @@ def test_folder_classes_come_from_classes_txt_or_the_masks(tmp_path):
 def test_folder_unlabeled_images_join_the_unlabeled_pool(folder, tmp_path):
     labeled, unlabeled, val, _ = build_folder(folder, tmp_path)
     assert (len(labeled), len(unlabeled), len(val)) == (3, 9 + 3, 4)
-    lines = (tmp_path / "splits" / "folder" / "1_4" / "unlabeled.txt").read_text().splitlines()
+    directory = data.split_directory(tmp_path / "splits", "folder", folder, "1/4")
+    lines = Path(directory, "unlabeled.txt").read_text().splitlines()
     assert "images/unlabeled/extra0.jpg" in lines  # one field: no mask
     assert unlabeled[len(unlabeled) - 1][0].shape == (3, 32, 32)
 
@@ -498,7 +500,8 @@ def test_cli_prints_counts_and_writes_split_files(folder, tmp_path, capsys):
     main(["--dataset", "folder", "--data-root", str(folder), "--split", "1/4", "--splits-dir", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     assert {"labeled: 3", "unlabeled: 12", "val: 4"} <= set(lines)
-    assert len((tmp_path / "folder" / "1_4" / "labeled.txt").read_text().splitlines()) == 3
+    directory = data.split_directory(tmp_path, "folder", folder, "1/4")
+    assert len(Path(directory, "labeled.txt").read_text().splitlines()) == 3
 
 
 def test_cli_error_is_one_line_without_traceback(folder, tmp_path):

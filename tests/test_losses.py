@@ -127,13 +127,55 @@ def test_cps_is_symmetric_and_uses_the_other_networks_argmax():
     assert torch.allclose(cps_loss(a, b, ignore), by_hand)
 
 
-def test_sup_loss_ignores_255_and_ohem_keeps_hard_pixels():
+def test_cps_ignored_pixels_contribute_nothing():
+    a, b = random_logits(seed=12).requires_grad_(), random_logits(seed=13).requires_grad_()
+    ignore = no_ignore()
+    ignore[:, :, 5:] = True                                        # the right three columns are padding
+    loss = cps_loss(a, b, ignore)
+    valid = lambda t: t[..., :5]                                   # CE averages over the valid pixels only
+    by_hand = F.cross_entropy(valid(a), valid(b).argmax(1)) + F.cross_entropy(valid(b), valid(a).argmax(1))
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    other_a, other_b = a.detach().clone(), b.detach().clone()      # anything at all where the pixels are ignored
+    other_a[..., 5:], other_b[..., 5:] = 100.0, -100.0
+    assert torch.equal(cps_loss(other_a, other_b, ignore), loss.detach())
+    loss.backward()
+    assert (a.grad[..., 5:] == 0).all() and (b.grad[..., 5:] == 0).all()
+    assert a.grad[..., :5].abs().sum() > 0 and b.grad[..., :5].abs().sum() > 0
+    nothing_valid = cps_loss(a, b, torch.ones_like(ignore))        # zero, yet still a graph to call backward on
+    assert nothing_valid == 0 and nothing_valid.requires_grad
+
+
+def test_sup_loss_is_cross_entropy_without_the_255_pixels():
     logits = random_logits(seed=14)
     target = logits.argmax(1)
     target[0, 0, 0] = IGNORE_INDEX
     assert torch.allclose(sup_loss(logits, target), F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX))
-    target[:, :2] = (target[:, :2] + 1) % 4                        # two rows of wrong, hard labels
-    assert sup_loss(logits, target, ohem_threshold=0.7, ohem_min_kept=1) > sup_loss(logits, target)
+    by_hand = F.cross_entropy(logits.permute(0, 2, 3, 1)[target != IGNORE_INDEX], target[target != IGNORE_INDEX])
+    assert torch.allclose(sup_loss(logits, target), by_hand, atol=1e-6)
+
+
+def true_class_probs(*probs):
+    """Two-class logits (1, 2, 1, P) whose pixel p gives class 0, the target, probability probs[p]."""
+    p = torch.tensor(probs)
+    return torch.stack([p.log(), (1 - p).log()]).reshape(1, 2, 1, len(probs))
+
+
+def test_ohem_keeps_the_pixels_below_the_threshold_or_else_the_hardest_min_kept():
+    # Six pixels, target class 0 at each; the last one is labelled 255 and must never count, however hard.
+    logits = true_class_probs(0.9, 0.8, 0.6, 0.5, 0.3, 0.01)
+    target = torch.tensor([[[0, 0, 0, 0, 0, IGNORE_INDEX]]])
+    ce = lambda *probs: -torch.tensor(probs).log()                 # the per-pixel loss, -log p_true
+    # Three valid pixels are below 0.7; with min_kept 2 those three are kept, whatever min_kept says.
+    assert torch.allclose(sup_loss(logits, target, ohem_threshold=0.7, ohem_min_kept=2), ce(0.6, 0.5, 0.3).mean())
+    assert torch.allclose(sup_loss(logits, target, ohem_threshold=0.7, ohem_min_kept=3), ce(0.6, 0.5, 0.3).mean())
+    # Too few pass the threshold: the min_kept hardest valid pixels are kept, 0.8 included, 0.9 not.
+    assert torch.allclose(sup_loss(logits, target, ohem_threshold=0.7, ohem_min_kept=4),
+                          ce(0.8, 0.6, 0.5, 0.3).mean())
+    assert torch.allclose(sup_loss(logits, target, ohem_threshold=0.4, ohem_min_kept=2), ce(0.5, 0.3).mean())
+    # min_kept above the number of valid pixels keeps them all: plain cross-entropy.
+    assert torch.allclose(sup_loss(logits, target, ohem_threshold=0.7, ohem_min_kept=100),
+                          ce(0.9, 0.8, 0.6, 0.5, 0.3).mean())
+    assert torch.allclose(sup_loss(logits, target, ohem_threshold=0.7, ohem_min_kept=100), sup_loss(logits, target))
 
 
 def test_no_loss_sends_gradient_into_a_teacher():

@@ -1,11 +1,14 @@
-"""Training-loop claims: exact resume, safe stops, distributed runs that agree with one process, baselines."""
+"""Training-loop claims: one step's losses as the method defines them, exact resume, safe stops, distributed runs
+that agree with one process, baselines."""
+import contextlib
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 import urllib.error
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +37,27 @@ def read_log(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(*extra) -> (run directory, what it printed) of the TINY run with `extra`. Each run trains once, however
+    many tests read it; no test writes into it."""
+    base, runs = tmp_path_factory.mktemp("runs"), {}
+
+    def trained_run(*extra):
+        if extra not in runs:
+            out, args = run_tiny(base, f"run{len(runs)}", *extra)
+            with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()):
+                train.main(args)
+            runs[extra] = out, printed.getvalue()
+        return runs[extra]
+    return trained_run
+
+
+# Stage 1 alone, the teachers frozen for stage 2: the teachers that --teachers-from adopts. Its student settings
+# (--lambda-glo 0, no student epochs) differ from those of the runs that adopt them, as --teachers-from allows.
+STAGE_1 = ("--freeze-teachers", "--student-epochs", "0", "--lambda-glo", "0")
+
+
 def assert_same_state(a, b, where="state"):
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where
@@ -46,6 +71,62 @@ def assert_same_state(a, b, where="state"):
         assert torch.equal(a, b), where
     else:
         assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """One iteration's input, two synthetic images of each kind: (image, label, weak, strong, ignore, box), with a
+    CutMix box in every unlabeled image so that the mixing of the teachers' predictions is in play."""
+    labeled, unlabeled, _, _ = data.build_datasets("synthetic", splits_dir=str(tmp_path_factory.mktemp("splits")),
+                                                   crop_size=64)
+    image, label = (torch.stack(t) for t in zip(labeled[0], labeled[1]))
+    weak, strong, ignore, box = (torch.stack(t) for t in zip(unlabeled[0], unlabeled[1]))
+    box[:, 16:48, 8:40] = True
+    return image, label, weak, strong, ignore, box
+
+
+def tiny_trainer(*extra):
+    """The Trainer of the TINY run with `extra`, before its first step."""
+    cfg = vars(train.parse_args(TINY + list(extra)))
+    cfg.update(num_classes=len(data.SYNTHETIC_CLASSES), cps_rampup_iters=0)
+    return train.Trainer(cfg, rank=0, world=1, device="cpu")
+
+
+@pytest.mark.parametrize("teachers", ["swin", "res", "ema", "both"])
+def test_a_lone_teacher_fills_both_roles_so_l_dis_is_0(batch, teachers):
+    # Threshold 0: where the two roles agree, every valid pixel is taught by L_pl.
+    losses = tiny_trainer("--teachers", teachers, "--threshold", "0").student_step(*batch)
+    if teachers == "both":  # and the check has teeth: two teachers on the same images dispute some pixels
+        assert losses["dis"] > 0 and losses["share_disputed"] > 0
+    else:
+        assert losses["dis"] == 0 and losses["share_disputed"] == 0
+        assert losses["share_agreed"] == 1 and losses["pl"] > 0
+
+
+def after_one_step(batch, stage, *extra):
+    """The weights that one step of `stage` (student or teachers) trains, in the TINY run with `extra`."""
+    image, label, weak, strong, ignore, box = batch
+    trainer = tiny_trainer(*extra)
+    torch.manual_seed(0)
+    if stage == "teachers":
+        trainer.teacher_step(image, label, weak, ignore)
+        return {"swin": trainer.swin.state_dict(), "res": trainer.res.state_dict()}
+    trainer.student_step(image, label, weak, strong, ignore, box)
+    return trainer.student.state_dict()
+
+
+@pytest.mark.parametrize("flag, loss, stage", [
+    ("--lambda-dis", "discrepancy_loss", "student"), ("--lambda-glo", "global_context_loss", "student"),
+    ("--lambda-loc", "local_regional_loss", "student"), ("--lambda-cps", "cps_loss", "teachers")])
+def test_lambda_0_switches_its_term_off(batch, monkeypatch, flag, loss, stage):
+    # With the weight at 0, the step updates the weights exactly as it does with the loss taken out of it.
+    weighted, off = after_one_step(batch, stage), after_one_step(batch, stage, flag, "0")
+    with monkeypatch.context() as patch:
+        patch.setattr(train, loss, lambda *args, **kwargs: torch.zeros(()))
+        removed = after_one_step(batch, stage)
+    assert_same_state(off, removed)
+    with pytest.raises(AssertionError):  # and the check has teeth: at its default weight the term moves them
+        assert_same_state(weighted, removed)
 
 
 def stop_with_sigterm_at(monkeypatch, method, call_number):
@@ -62,10 +143,8 @@ def stop_with_sigterm_at(monkeypatch, method, call_number):
 
 @pytest.mark.parametrize("stop_at", [("teacher_step", 3), ("student_step", 2)],
                          ids=["between-epochs", "mid-epoch"])
-def test_resumed_run_repeats_the_straight_run_exactly(tmp_path, monkeypatch, stop_at):
-    straight, args = run_tiny(tmp_path, "straight")
-    train.main(args)
-
+def test_resumed_run_repeats_the_straight_run_exactly(trained, tmp_path, monkeypatch, stop_at):
+    straight, _ = trained()
     resumed, args = run_tiny(tmp_path, "resumed")
     with monkeypatch.context() as patch:
         stop_with_sigterm_at(patch, *stop_at)
@@ -86,13 +165,17 @@ def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
     out, args = run_tiny(tmp_path, "killed")
     args[args.index("--max-iters") + 1] = "200"
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # the first line is printed once the loop is about to start
+                               stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    hung = threading.Timer(300, process.kill)  # a guard against a run that hangs, not a wait for one
+    hung.start()
+    output = ""
+    for line in process.stdout:  # printed once the signal handlers are in place and the loop is about to start
+        output += line
         if "writing to" in line:
             break
-    time.sleep(2)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
+    process.send_signal(signal.SIGTERM)  # it stops after the iteration under way, whichever that is
+    output += process.communicate()[0]
+    hung.cancel()
     assert process.returncode == 128 + signal.SIGTERM, output
     checkpoint = torch.load(out / "latest.pt", weights_only=True)
     assert checkpoint["epoch"] == 0 and 0 < checkpoint["step"] < 200
@@ -104,10 +187,10 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     train.save_atomic({"epoch": 1, "weights": torch.ones(3)}, path)
 
     def crash_halfway(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
-        raise OSError("disk full")
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(train.torch, "save", crash_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(train.data.DataError, match="latest.pt: no space left on device"):
         train.save_atomic({"epoch": 2, "weights": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
@@ -137,9 +220,8 @@ def test_two_cpu_processes_train_and_report_the_one_process_miou(tmp_path):
 
 @pytest.mark.parametrize("variant", [["--teachers", "none"], ["--teachers", "swin", "--freeze-teachers"],
                                      ["--teachers", "res", "--amp", "bf16"]], ids=lambda v: " ".join(v))
-def test_every_variant_trains_and_logs(tmp_path, variant):
-    out, args = run_tiny(tmp_path, "variant", *variant)
-    train.main(args)
+def test_every_variant_trains_and_logs(trained, variant):
+    out, _ = trained(*variant)
     log = read_log(out)
     assert log[-1]["stage"] == "student" and 0 <= log[-1]["miou_student"] <= 100
     assert all(v == v for r in log for k, v in r.items() if k.startswith("loss_"))  # no NaN
@@ -148,9 +230,8 @@ def test_every_variant_trains_and_logs(tmp_path, variant):
         assert len(log) == 1 and "loss_cps" not in log[0]     # no teacher stage for the baseline
 
 
-def test_the_checkpoint_evaluated_by_the_cli_gives_the_logged_miou(tmp_path):
-    out, args = run_tiny(tmp_path, "cli", "--teachers", "none")
-    train.main(args)
+def test_the_checkpoint_evaluated_by_the_cli_gives_the_logged_miou(trained, tmp_path):
+    out, _ = trained("--teachers", "none")
     assert evaluate_cli(out / "best.pt") == round(read_log(out)[-1]["miou_student"], 2)
 
     # --images: a trained student applied to a folder of plain pictures, any size, no masks.
@@ -165,56 +246,39 @@ def test_the_checkpoint_evaluated_by_the_cli_gives_the_logged_miou(tmp_path):
     assert {p.name: Image.open(p).size for p in predictions.iterdir()} == {"a.png": (70, 50), "b.png": (33, 41)}
 
 
-def test_student_epochs_0_trains_the_teachers_alone(tmp_path, capsys):
-    out, args = run_tiny(tmp_path, "teachers_only", "--student-epochs", "0")
-    train.main(args)
+def test_student_epochs_0_trains_the_teachers_alone(trained):
+    out, printed = trained(*STAGE_1)
     log = read_log(out)
     assert [r["stage"] for r in log] == ["teachers"] and "miou_student" not in log[0]
     assert not (out / "best.pt").exists()  # no student was trained, so there is no best student
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    last = printed.strip().splitlines()[-1]
     assert last.startswith(f"swin mIoU: {log[0]['miou_swin']:.2f}, res mIoU: {log[0]['miou_res']:.2f}"), last
 
 
-def test_frozen_teachers_end_stage_2_as_they_ended_stage_1(tmp_path):
-    teachers = lambda out: {k: v for k, v in torch.load(out / "latest.pt", weights_only=True)["trainer"].items()
+def test_frozen_teachers_end_stage_2_as_they_ended_stage_1(trained):
+    teachers = lambda run: {k: v for k, v in torch.load(run[0] / "latest.pt", weights_only=True)["trainer"].items()
                             if k in ("swin", "res", "swin_ema", "res_ema")}
-    stage1, args = run_tiny(tmp_path, "stage1", "--student-epochs", "0")
-    train.main(args)
-    frozen, args = run_tiny(tmp_path, "frozen", "--freeze-teachers")
-    train.main(args)
-    assert_same_state(teachers(stage1), teachers(frozen))
-    iterative, args = run_tiny(tmp_path, "iterative", "--no-freeze-teachers")
-    train.main(args)
-    with pytest.raises(AssertionError):
-        assert_same_state(teachers(stage1), teachers(iterative))
+    stage1 = teachers(trained(*STAGE_1))
+    assert_same_state(stage1, teachers(trained("--freeze-teachers")))
+    with pytest.raises(AssertionError):  # the synthetic default, the paper's iterative scheme, trains them on
+        assert_same_state(stage1, teachers(trained()))
 
 
-def test_teachers_from_gives_the_run_a_start_from_scratch_gives(tmp_path):
-    frozen = ["--freeze-teachers"]
-    teachers, args = run_tiny(tmp_path, "teachers", *frozen, "--student-epochs", "0")  # stage 1 alone, trained once
-    train.main(args)
-    scratch, args = run_tiny(tmp_path, "scratch", *frozen, "--lambda-glo", "0")
-    train.main(args)
-    adopted, args = run_tiny(tmp_path, "adopted", *frozen, "--lambda-glo", "0", "--teachers-from", str(teachers))
+def test_teachers_from_gives_the_run_a_start_from_scratch_gives(trained, tmp_path):
+    teachers, _ = trained(*STAGE_1)
+    scratch, _ = trained("--freeze-teachers")
+    adopted, args = run_tiny(tmp_path, "adopted", "--freeze-teachers", "--teachers-from", str(teachers))
     train.main(args)
     a = torch.load(scratch / "latest.pt", weights_only=True)
     b = torch.load(adopted / "latest.pt", weights_only=True)
     assert_same_state(a["trainer"], b["trainer"], "trainer")
     keys = lambda record: {k: v for k, v in record.items() if k.startswith(("stage", "loss_", "miou_", "lr_"))}
     assert [keys(r) for r in read_log(scratch)] == [keys(r) for r in read_log(adopted)]  # stage 1's record too
-    other, args = run_tiny(tmp_path, "other", *frozen, "--lambda-glo", "0", "--seed", "1")
-    train.main(args)  # and the check has teeth: another seed's student ends elsewhere
+    assert read_log(adopted)[0] == read_log(teachers)[0]  # to its seconds: stage 1 was adopted, not trained again
+    # And the check has teeth: the student follows its teachers; under teachers that train on, it ends elsewhere.
     with pytest.raises(AssertionError):
-        assert_same_state(a["trainer"]["student"], torch.load(other / "latest.pt", weights_only=True)["trainer"]["student"])
-
-
-@pytest.fixture(scope="module")
-def trained_teachers(tmp_path_factory):
-    """A tiny stage 1 alone, teachers frozen: (its base directory, its run directory)."""
-    tmp_path = tmp_path_factory.mktemp("teachers")
-    teachers, args = run_tiny(tmp_path, "teachers", "--freeze-teachers", "--student-epochs", "0")
-    train.main(args)
-    return tmp_path, teachers
+        assert_same_state(a["trainer"]["student"],
+                          torch.load(trained()[0] / "latest.pt", weights_only=True)["trainer"]["student"])
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -223,8 +287,8 @@ def trained_teachers(tmp_path_factory):
     (["--no-freeze-teachers"], "--freeze-teachers"),  # co-training: the teachers' schedule spans both stages
     (["--freeze-teachers", "--teachers", "none"], "needs teachers"),
 ])
-def test_teachers_from_refuses_teachers_this_run_would_not_train(trained_teachers, capsys, extra, expected):
-    tmp_path, teachers = trained_teachers
+def test_teachers_from_refuses_teachers_this_run_would_not_train(trained, tmp_path, capsys, extra, expected):
+    teachers, _ = trained(*STAGE_1)
     _, args = run_tiny(tmp_path, "student", "--teachers-from", str(teachers), *extra)
     with pytest.raises(SystemExit) as exited:
         train.main(args)

@@ -1,8 +1,8 @@
 """Cost of the three networks at their default widths: parameters, forward GFLOPs per image, training throughput
 (forward + backward images/s) and peak memory. Prints one JSON object.
 
-    python bench/models.py                                          # CPU, fp32, crop 321, batch 2
-    python bench/models.py --device cuda --amp bf16 --iters 20      # on a GPU
+    python bench/model_speed.py                                          # CPU, fp32, crop 321, batch 2
+    python bench/model_speed.py --device cuda --amp bf16 --iters 20      # on a GPU
 
 Each network is measured in a fresh process, so its peak memory is its own: on CUDA the peak of
 torch.cuda.max_memory_allocated over the timed steps; on the CPU the growth of the process's maximum resident set
@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model  # noqa: E402
+from bench.record import command, commit  # noqa: E402
 
 
 def resident_mb() -> float:
@@ -106,7 +107,8 @@ def main():
                         "growth of max RSS (resource.getrusage) over the training steps, fresh process per network"),
         "default widths": "swinunet: Swin-T (96, depths 2-2-6-2); resunet: ResNet-34; deeplabv3plus: ResNet-50, OS16",
     }
-    print(json.dumps({"settings": args, "machine": machine, "notes": notes, "results": results}, indent=2))
+    print(json.dumps({"settings": args, "machine": machine, "notes": notes, "results": results,
+                      "command": command(), "commit": commit()}, indent=2))
 
 
 if __name__ == "__main__":

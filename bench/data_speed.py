@@ -1,6 +1,6 @@
 """Samples/s of the unlabeled pipeline (decode, weak view, strong view, ignore mask, CutMix box) on the CPU.
 
-    python bench/data.py --data-root DIR [--crop 321] [--batch 8] [--samples 256] [--workers 0 2] [--threads N]
+    python bench/data_speed.py --data-root DIR [--crop 321] [--batch 8] [--samples 256] [--workers 0 2] [--threads N]
 
 DIR holds a dataset in the folder layout (images/train, masks/train, images/val, masks/val). The clock starts
 after the first batch, so worker start-up is left out. With 0 workers the main process also collates the
@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from bench.record import command, commit  # noqa: E402
 
 
 def samples_per_second(dataset, batch, samples, workers):
@@ -53,7 +54,7 @@ def main():
     print(json.dumps({"pipeline": "unlabeled (weak + strong)", "crop": args.crop, "batch": args.batch,
                       "samples": args.samples, "image_size": f"{width}x{height}", "cpus": os.cpu_count(),
                       "load_average": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
-                      "samples_per_s_by_workers": rates}))
+                      "samples_per_s_by_workers": rates, "command": command(), "commit": commit()}))
 
 
 if __name__ == "__main__":

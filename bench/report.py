@@ -1,0 +1,450 @@
+"""Writes bench/results/README.md from the committed records, so that no figure in the docs drifts from its record.
+
+    python bench/report.py            # rewrite bench/results/README.md, print the headline figures
+    python bench/report.py --check    # exit 1 if the committed README.md is not what the records give
+
+One table per question: does IGL-DT beat supervised training (bench/quality.py), what each part adds (its
+ablations), what each step costs (bench/speed.py), the networks alone (bench/model_speed.py) and the data
+pipeline (bench/data_speed.py). Every row names the command, commit and machine of its record. The records are
+read from every file and folder directly under bench/results/ except archive/; the question a record answers
+comes from the name's first part (NAMING below), and a record of an unknown shape is listed, not dropped.
+The output depends on the records alone (sorted, no dates), so the same records always give the same file.
+Standard library only.
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+NAMING = """\
+Every result is named `<script>_<device>[_<tag>]`: `script` is the bench/ script that wrote it (`quality`,
+`speed`, `model_speed`, `data_speed`), `device` is `cpu` or `gpu`, and the optional `tag` names the setting
+(dataset, precision, batch), never a date or a commit: the commit is in the record. A script that writes one
+JSON object gives `<name>.json`; one that writes a record per run gives a folder `<name>/` with `records.jsonl`
+(and its `summary.md`). Superseded results move, by the same rule, to `archive/`, whose `HISTORY.md` tells what
+they showed; this script reads everything else."""
+
+QUESTIONS = ("model_speed", "data_speed", "quality", "speed")  # the longer names first: model_speed is not speed
+BASELINES = ("supervised", "igl-dt", "ema")  # the main comparison; every other quality variant is an ablation
+PRECISIONS = ("fp32", "bf16", "fp16", "off")
+STEP_NAMES = {"supervised": "supervised student step", "teachers": "stage 1: teacher step (G + L, CPS)",
+              "igl-dt": "stage 2: student + teachers co-training", "igl-dt-frozen": "stage 2: student, teachers frozen"}
+VARIANTS = ("supervised", "igl-dt", "ema", "no-gcl", "no-lrl", "no-dl", "swin-only", "res-only")  # table order
+DROPPED_FLAGS = ("--out", "--splits-dir", "--teachers-from")  # where files went and came from: shown apart
+# Records written before the benchmarks stored their commit: the commit that added them to the repository.
+COMMITTED_IN = {"quality_cpu_camvid": "74af54d (supervised, igl-dt), e4fb984 (seed-0 ablations), 4c284c9 (seed 1)",
+                "quality_cpu_camvid_repeat": "d89f791", "speed_cpu.json": "d89f791", "speed_gpu_voc_bf16.json":
+                "763d4d4", "speed_gpu_voc_fp16.json": "763d4d4", "model_speed_gpu_bf16_b16.json": "763d4d4",
+                "model_speed_cpu.json": "022bc74", "data_speed_cpu.json": "022bc74"}
+NOT_RECORDED = "not recorded"
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+def question_of(name):
+    stem = name[:-len(".json")] if name.endswith(".json") else name
+    return next((q for q in QUESTIONS if stem == q or stem.startswith(q + "_")), None)
+
+
+def load_records(path, results):
+    """[(where, record)] from a .json file (one object or a list) or a folder (records.jsonl and *.json)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.name == "records.jsonl" or p.suffix == ".json")
+    records = []
+    for file in files:
+        where = file.relative_to(results).as_posix()
+        if file.suffix == ".jsonl":
+            for number, line in enumerate(file.read_text().splitlines(), 1):
+                if line.strip():
+                    records.append((f"{where}:{number}", _parse(line, f"{where}:{number}")))
+        else:
+            value = _parse(file.read_text(), where)
+            records += [(where, r) for r in (value if isinstance(value, list) else [value])]
+    return [(where, r) for where, r in records if isinstance(r, dict)]
+
+
+def _parse(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        sys.exit(f"error: {where} is not JSON: {error}")
+
+
+def sources(results):
+    """{question: [(source name, [(where, record)])]} for every current result; None holds the unknown names."""
+    found = {}
+    for path in sorted(results.iterdir()):
+        if path.name in ("archive", "README.md") or path.name.startswith("."):
+            continue
+        if path.is_file() and path.suffix != ".json":
+            continue
+        found.setdefault(question_of(path.name), []).append((path.name, load_records(path, results)))
+    return found
+
+
+def measurements(record, marker, context=None, path=()):
+    """Every dict inside `record` that has the key `marker`, with the keys of the dicts around it (the innermost
+    winning) and `path`, the keys that lead to it: one walker for every layout of record (a report with "kinds",
+    one nested by precision, one row per line)."""
+    context = (context or {}) | {k: v for k, v in record.items()
+                                 if not isinstance(v, dict) or k in ("machine", "settings")}
+    if marker in record:
+        return [context | record | {"path": path}]
+    found = []
+    for key in sorted(record):
+        if isinstance(record[key], dict) and key not in ("machine", "settings", "notes"):
+            found += measurements(record[key], marker, context, path + (key,))
+    return found
+
+
+# ---- formatting ----------------------------------------------------------------------------------------------
+
+def number(value, digits=2, sign=False):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—" if value is None else str(value)
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def rate(value):
+    """A throughput with three significant digits or more: 0.81, 14.0, 246.1."""
+    return number(value, 2 if isinstance(value, (int, float)) and value < 10 else 1)
+
+
+def mebibytes(value):
+    return number(value, 0) + " MiB" if isinstance(value, (int, float)) else "—"
+
+
+def scalar(value):
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {scalar(v)}" for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return " ".join(scalar(v) for v in value)
+    return number(value) if isinstance(value, float) else str(value)
+
+
+def precision(amp):
+    return "fp32" if amp in ("off", "", None) else str(amp)
+
+
+def machine_text(machine):
+    """One short phrase for a machine record, whichever keys it has."""
+    if isinstance(machine, str):
+        return machine
+    if not isinstance(machine, dict):
+        return NOT_RECORDED
+    device = machine.get("device", "")
+    parts = ["CPU" if device in ("", "cpu") else device]
+    cpus = machine.get("cpus", machine.get("cpu_count"))
+    if cpus:
+        parts.append(f"{cpus} cores")
+    if machine.get("torch"):
+        parts.append(f"torch {machine['torch']}")
+    if machine.get("load_average") is not None:
+        parts.append(f"load {machine['load_average']}")
+    return ", ".join(parts)
+
+
+def commit_text(record):
+    return f"`{record['commit']}`" if record.get("commit") else NOT_RECORDED
+
+
+def command_text(command):
+    """A recorded command without its bookkeeping flags, its data directory written as its name in capitals
+    (the path was the machine's, the name is the dataset's)."""
+    words, shown, skip = command.split(), [], False
+    for i, word in enumerate(words):
+        if skip:
+            skip = False
+        elif word in DROPPED_FLAGS:
+            skip = True
+        elif i and words[i - 1] == "--data-root":
+            shown.append(Path(word).name.upper() or word)
+        else:
+            shown.append(word)
+    return "`" + " ".join(shown).replace("|", "\\|") + "`"
+
+
+def rebuilt_command(script, settings, flags, fixed=()):
+    """For records that hold no command: the command their settings say, marked with a dagger."""
+    if not settings:
+        return NOT_RECORDED
+    words = [f"python bench/{script}.py", *fixed] + [f"--{flag} {scalar(settings[key])}" for flag, key in flags
+                                             if settings.get(key) is not None]
+    return "`" + " ".join(words) + "` †"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def footnote_commit(name):
+    if name in COMMITTED_IN:
+        return [f"Commit {NOT_RECORDED}: these records predate the field; they were committed in {COMMITTED_IN[name]}."]
+    return []
+
+
+# ---- quality: does IGL-DT beat supervised training, and what does each part add --------------------------------
+
+def quality_runs(records):
+    runs = [r for _, r in records if "variant" in r and ("miou_last" in r or "miou" in r)]
+    for run in runs:
+        run.setdefault("miou_last", run.get("miou"))
+    return runs
+
+
+def groups(runs):
+    """Runs that may be compared with one another: the same budget and precision where the records give them."""
+    keyed = {}
+    for run in runs:
+        key = (scalar(run.get("budget", "")), scalar(run.get("amp", "")))
+        keyed.setdefault(key, []).append(run)
+    return sorted(keyed.items())
+
+
+def paired_gain(runs, variant, baseline, key="miou_last"):
+    """Mean over the seeds both variants have of variant - baseline, and those seeds."""
+    by_seed = {(r["variant"], r.get("seed")): r.get(key) for r in runs}
+    seeds = sorted(s for v, s in by_seed if v == variant and isinstance(by_seed.get((baseline, s)), (int, float))
+                   and isinstance(by_seed[v, s], (int, float)))
+    if not seeds:
+        return None, []
+    return statistics.mean(by_seed[variant, s] - by_seed[baseline, s] for s in seeds), seeds
+
+
+def mean_of(runs, variant, key="miou_last"):
+    values = [r[key] for r in runs if r["variant"] == variant and isinstance(r.get(key), (int, float))]
+    return (statistics.mean(values), len(values)) if values else (None, 0)
+
+
+def quality_table(runs, reference, extra):
+    header = ["variant", "seed", "val mIoU", f"vs {reference}, same seed"] + [label for label, _ in extra] + \
+             ["wall min", "command", "commit", "machine"]
+    by_seed = {(r["variant"], r.get("seed")): r for r in runs}
+    rows = []
+    for run in sorted(runs, key=lambda r: (_variant_order(r["variant"]), str(r.get("seed")))):
+        base = by_seed.get((reference, run.get("seed")))
+        gain = run["miou_last"] - base["miou_last"] if base and run is not base and \
+            isinstance(run["miou_last"], (int, float)) and isinstance(base.get("miou_last"), (int, float)) else None
+        wall = run.get("wall_s")
+        wall = "—" if not isinstance(wall, (int, float)) else number(wall / 60, 1) + ("*" if run.get("teachers_from")
+                                                                                     else "")
+        rows.append([f"`{run['variant']}`", str(run.get("seed", "—")), number(run["miou_last"]),
+                     number(gain, sign=True)] + [scalar(run.get(key)) if run.get(key) is not None else "—"
+                                                 for _, key in extra] +
+                    [wall, command_text(run["command"]) if run.get("command") else NOT_RECORDED,
+                     commit_text(run), machine_text(run.get("machine"))])
+    return table(header, rows)
+
+
+def _variant_order(variant):
+    return (VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), variant)
+
+
+def extra_columns(runs):
+    columns = [("dev mIoU", "miou_dev"), ("budget", "budget"), ("cost", "cost"), ("amp", "amp")]
+    return [(label, key) for label, key in columns if any(r.get(key) is not None for r in runs)]
+
+
+def quality_sections(found, headlines):
+    beat, parts = [], []
+    for name, records in found:
+        runs = quality_runs(records)
+        for (budget, amp), group in groups(runs):
+            label = f"`{name}`" + (f", budget {budget}" if budget else "") + (f", amp {amp}" if amp else "")
+            extra = [(lab, key) for lab, key in extra_columns(group) if key not in ("budget", "amp")]
+            main = [r for r in group if r["variant"] in BASELINES]
+            ablations = [r for r in group if r["variant"] not in BASELINES or r["variant"] == "igl-dt"]
+            if main:
+                beat += [f"### {label}", ""] + quality_table(main, "supervised", extra) + [""]
+                beat += _means(group, ("igl-dt", "ema"), "supervised", name, label, headlines) + [""]
+                beat += footnote_commit(name) + [""]
+            if [r for r in ablations if r["variant"] != "igl-dt"]:
+                parts += [f"### {label}", ""] + quality_table(ablations, "igl-dt", extra) + [""]
+                parts += _means(group, sorted({r["variant"] for r in ablations} - {"igl-dt"}, key=_variant_order),
+                                "igl-dt", name, label, headlines) + [""]
+                if any(r.get("teachers_from") for r in ablations):
+                    parts += ["*: started from the teachers of igl-dt's run of the same seed (`train.py "
+                              "--teachers-from`, the same result as a start from scratch), so the wall time leaves "
+                              "stage 1 out.", ""]
+                parts += footnote_commit(name) + [""]
+    return beat, parts
+
+
+def _means(runs, variants, baseline, name, label, headlines):
+    lines = []
+    for variant in variants:
+        gain, seeds = paired_gain(runs, variant, baseline)
+        if gain is None:
+            continue
+        mine, n = mean_of([r for r in runs if r.get("seed") in seeds], variant)
+        theirs, _ = mean_of([r for r in runs if r.get("seed") in seeds], baseline)
+        seed_text = ", ".join(str(s) for s in seeds)
+        line = (f"`{variant}` {number(mine)} against `{baseline}` {number(theirs)}: {number(gain, sign=True)} "
+                f"(val mIoU, mean over seed{'s' if n > 1 else ''} {seed_text})")
+        minutes = [mean_of([r for r in runs if r.get("seed") in seeds and not r.get("teachers_from")], v, "wall_s")[0]
+                   for v in (variant, baseline)]
+        if None not in minutes:
+            line += f", {number(minutes[0] / 60, 1)} and {number(minutes[1] / 60, 1)} min a run"
+        dev_gain, dev_seeds = paired_gain(runs, variant, baseline, "miou_dev")
+        if dev_gain is not None:
+            line += f"; on the dev set {number(dev_gain, sign=True)} (seeds {', '.join(map(str, dev_seeds))})"
+        lines.append("- " + line + ".")
+        headlines.append(f"{label.replace('`', '')}: {line}")
+    return lines
+
+
+# ---- speed, networks, data ---------------------------------------------------------------------------------------
+
+def speed_section(found, headlines):
+    lines = []
+    for name, records in found:
+        steps = [m for _, r in records for m in measurements(r, "seconds_per_step")]
+        if not steps:
+            continue
+        for m in steps:  # the kind and precision: the record's own keys, else the keys that lead to it
+            names = [k for k in m["path"] if k not in PRECISIONS and k != "kinds"]
+            m["kind"] = m.get("kind") or (names[-1] if names else "step")
+            m["amp"] = precision(m.get("amp") or next((k for k in m["path"] if k in PRECISIONS), None)
+                                 or m.get("settings", {}).get("amp"))
+        base = {m["amp"]: m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
+        settings = steps[0].get("settings", {})
+        lines += [f"### `{name}`", "", "Settings: " + (scalar(settings) if settings else NOT_RECORDED) + ".", ""]
+        rows = []
+        for m in sorted(steps, key=lambda m: (list(STEP_NAMES).index(m["kind"]) if m["kind"] in STEP_NAMES else 9,
+                                              m["kind"], str(m["amp"]))):
+            over = m["seconds_per_step"] / base[m["amp"]] if base.get(m["amp"]) else None
+            command = command_text(m["command"]) if m.get("command") else rebuilt_command(
+                "speed", m.get("settings", {}), [("dataset", "dataset"), ("device", "device"), ("amp", "amp"),
+                                                 ("iters", "iters"), ("warmup", "warmup")])
+            rows.append([STEP_NAMES.get(m["kind"], m["kind"]), m["amp"], number(m["seconds_per_step"], 4),
+                         rate(m.get("images_per_s")), mebibytes(m.get("peak_mem_mb")),
+                         number(over) if over else "—", command, commit_text(m), machine_text(m.get("machine"))])
+            if m["kind"] == "igl-dt" and over:
+                headlines.append(f"{name}: stage 2 (teachers co-training) {number(m['seconds_per_step'], 4)} s a step, "
+                                 f"{number(over)} x the supervised step ({m['amp']}), peak "
+                                 f"{mebibytes(m.get('peak_mem_mb'))}")
+            if m["kind"] == "igl-dt-frozen" and over:
+                headlines.append(f"{name}: stage 2 (teachers frozen) {number(m['seconds_per_step'], 4)} s a step, "
+                                 f"{number(over)} x the supervised step ({m['amp']}), peak "
+                                 f"{mebibytes(m.get('peak_mem_mb'))}")
+            if m["kind"] == "teachers":
+                headlines.append(f"{name}: stage 1 (teachers) {number(m['seconds_per_step'], 4)} s a step, peak "
+                                 f"{mebibytes(m.get('peak_mem_mb'))} ({m['amp']})")
+        lines += table(["step", "amp", "s / step", "images/s", "peak memory", "vs supervised", "command", "commit",
+                        "machine"], rows) + [""] + footnote_commit(name) + [""]
+    return lines
+
+
+def models_section(found, headlines):
+    lines = []
+    for name, records in found:
+        nets = [m for _, r in records for m in measurements(r, "params")]
+        if not nets:
+            continue
+        settings = nets[0].get("settings", {})
+        lines += [f"### `{name}`", "", "Settings: " + (scalar(settings) if settings else NOT_RECORDED) + ".", ""]
+        rows = []
+        for m in sorted(nets, key=lambda m: m.get("network", m["path"][-1] if m["path"] else "")):
+            net = m.get("network", m["path"][-1] if m["path"] else "network")
+            command = command_text(m["command"]) if m.get("command") else rebuilt_command(
+                "model_speed", m.get("settings", {}), [("device", "device"), ("amp", "amp"), ("crop", "crop"),
+                                                       ("batch", "batch"), ("iters", "iters"), ("warmup", "warmup")])
+            rows.append([f"`{net}`", number(m["params"] / 1e6, 1) + " M", number(m.get("gflops_per_image"), 1),
+                         rate(m.get("images_per_s")), mebibytes(m.get("peak_mem_mb")), command,
+                         commit_text(m), machine_text(m.get("machine"))])
+            headlines.append(f"{name}: {net} {rate(m.get('images_per_s'))} images/s forward + backward, "
+                             f"peak {mebibytes(m.get('peak_mem_mb'))}")
+        lines += table(["network", "parameters", "GFLOPs / image", "forward + backward images/s", "peak memory",
+                        "command", "commit", "machine"], rows) + [""] + footnote_commit(name) + [""]
+    return lines
+
+
+def data_section(found, headlines):
+    lines = []
+    for name, records in found:
+        pipes = [m for _, r in records for m in measurements(r, "samples_per_s_by_workers")]
+        rows = []
+        for m in pipes:
+            machine = m.get("machine") or {"cpus": m.get("cpus"), "load_average": m.get("load_average")}
+            command = command_text(m["command"]) if m.get("command") else rebuilt_command(
+                "data_speed", m, [("crop", "crop"), ("batch", "batch"), ("samples", "samples")],
+                fixed=["--data-root DIR"])
+            for workers, rate in sorted(m["samples_per_s_by_workers"].items(), key=lambda kv: int(kv[0])):
+                rows.append([str(m.get("pipeline", "—")), workers, number(rate, 1),
+                             scalar(m.get("image_size", "—")), scalar(m.get("crop", "—")),
+                             scalar(m.get("batch", "—")), command, commit_text(m), machine_text(machine)])
+                headlines.append(f"{name}: {number(rate, 1)} samples/s with {workers} loader workers")
+        if rows:
+            lines += [f"### `{name}`", ""] + table(["pipeline", "workers", "samples/s", "images", "crop", "batch",
+                                                    "command", "commit", "machine"], rows)
+            lines += [""] + footnote_commit(name) + [""]
+    return lines
+
+
+# ---- the page ----------------------------------------------------------------------------------------------------
+
+def render(results=RESULTS):
+    """(the README's text, the headline lines to print) for the records under `results`."""
+    found = sources(results)
+    headlines = []
+    beat, parts = quality_sections(found.get("quality", []), headlines)
+    none = ["No current record.", ""]
+    page = ["# Benchmark results", "",
+            "Generated by `python bench/report.py` from the records in this folder: edit the records, not this file "
+            "(`python bench/report.py --check` fails when the two disagree). How each benchmark is run, and what it "
+            "measures: `bench/README.md`.", "", "## Naming", "", NAMING, "",
+            "Commands are shown without `--out`, `--splits-dir` and `--teachers-from` (where the run wrote its "
+            "files and found its teachers; the full command is in the record), with the data directory written "
+            "as its name in capitals. † marks a command rebuilt "
+            "from the record's settings, for records that hold none.", "",
+            "## Does IGL-DT beat supervised training?", "",
+            "`bench/quality.py`: the student's val mIoU after its last epoch (no checkpoint chosen on val), each "
+            "variant with the same student epochs.", ""]
+    page += beat or none
+    page += ["## What does each part add?", "", "The ablations of `bench/quality.py`, against IGL-DT of the same seed "
+             "and the same records.", ""] + (parts or none)
+    page += ["## What does each step cost?", "", "`bench/speed.py`: one training step of each kind on random "
+             "tensors at one size; vs supervised is its time over the supervised step's at the same precision.",
+             ""] + (speed_section(found.get("speed", []), headlines) or none)
+    page += ["## The networks", "", "`bench/model_speed.py`: each network alone, at its default widths.", ""] + \
+        (models_section(found.get("model_speed", []), headlines) or none)
+    page += ["## The data pipeline", "", "`bench/data_speed.py`: the unlabeled pipeline (decode, weak and strong "
+             "views, ignore mask, CutMix box).", ""] + (data_section(found.get("data_speed", []), headlines) or none)
+    unknown = [name for name, _ in found.get(None, [])]
+    if unknown:
+        page += ["## Not read", "", "These names follow no known script's name, so no table reads them: " +
+                 ", ".join(f"`{n}`" for n in unknown) + ".", ""]
+    archived = sorted(p.name for p in (results / "archive").iterdir()) if (results / "archive").is_dir() else []
+    if archived:
+        page += ["## Archive", "", "Superseded results, kept with the story of what they showed "
+                 "(`archive/HISTORY.md`): " + ", ".join(f"`archive/{n}`" for n in archived) + ".", ""]
+    text = "\n".join(page).rstrip() + "\n"
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text, headlines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if bench/results/README.md is out of date")
+    args = p.parse_args(argv)
+    text, headlines = render()
+    target = RESULTS / "README.md"
+    if args.check:
+        if not target.exists() or target.read_text() != text:
+            print("bench/results/README.md is out of date: run python bench/report.py", file=sys.stderr)
+            return 1
+        print("bench/results/README.md is up to date")
+        return 0
+    target.write_text(text)
+    print("\n".join(headlines))
+    print("wrote bench/results/README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,7 +76,24 @@ def parse_args(argv=None):
                    "run directory past stage 1 with the same settings but the student's losses and epochs; gives "
                    "exactly the run a start from scratch would (to try student losses on one pair of teachers)")
     p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("method")
+    add_method_flags(p.add_argument_group("method"), per_dataset)
+    add_schedule_flags(p.add_argument_group("schedule and networks"), per_dataset)
+    add_hardware_flags(p.add_argument_group("hardware"))
+    args = p.parse_args(argv)
+    args.given = given_flags(p, argv, args)  # --resume refuses a given flag that differs from the saved run
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.gpus == 0:
+        args.device = "cpu"
+    if args.amp is None:
+        args.amp = "bf16" if native_bf16(args.device) else "off"
+    args.out = args.out or f"runs/{args.dataset}_{args.split.replace('/', '_')}_{args.teachers}"
+    return args
+
+
+def add_method_flags(g, per_dataset):
+    """The method's switches and weights: which teachers, each loss's lambda, thresholds, EMA."""
     g.add_argument("--teachers", default="both", choices=["both", "swin", "res", "none", "ema"],
                    help="which teachers teach; none = supervised-only baseline; ema = the one-teacher baseline "
                    "(no stage 1: the student's own EMA copy teaches, Mean Teacher with a FixMatch threshold); a "
@@ -95,7 +112,10 @@ def parse_args(argv=None):
     g.add_argument("--region", type=int, help="LRL region size in pixels" + per_dataset)
     g.add_argument("--ema-momentum", type=float, help="teachers' EMA momentum; short CPU runs need a shorter "
                    "memory" + per_dataset)
-    g = p.add_argument_group("schedule and networks")
+
+
+def add_schedule_flags(g, per_dataset):
+    """Epochs, batch, crop, learning rates, the networks' sizes and weights, evaluation."""
     for flag, kind in [("--teacher-epochs", int), ("--student-epochs", int), ("--batch-size", int),
                        ("--crop-size", int), ("--lr", float), ("--head-lr-mult", float), ("--swin-lr", float),
                        ("--swin-dim", int), ("--res-width", int), ("--eval-every", int), ("--workers", int)]:
@@ -113,32 +133,25 @@ def parse_args(argv=None):
     g.add_argument("--eval-mode", choices=["full", "sliding"], help=per_dataset)
     g.add_argument("--eval-window", type=int, help="sliding window size" + per_dataset)
     g.add_argument("--max-iters", type=int, default=0, help="cap iterations per epoch (smoke tests; 0 = none)")
-    g = p.add_argument_group("hardware")
+
+
+def add_hardware_flags(g):
+    """Devices, processes, precision and compilation."""
     g.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--gpus", type=int, default=1, help="processes to start when not under torchrun; 0 = CPU "
                    "(with --device cpu, N > 1 starts N CPU processes over gloo, to try the distributed path)")
     g.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="mixed precision (default: bf16 on a GPU or CPU that computes it natively, else off)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the networks' training calls (on CUDA also channels_last and fused "
-                   "optimisers); the eager path is the reference (default: off)")
+                   help="torch.compile the networks' training calls (on CUDA also fused optimisers); the eager "
+                   "path is the reference (default: off: not yet measured faster, see bench/speed.py --compare "
+                   "compile)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="store the convolutional networks (student, ResUNet) channels-last (NHWC), the layout "
-                   "oneDNN and cuDNN convolve fastest (default: off; it measured no faster on a CPU, see bench/speed.py "
+                   "oneDNN and cuDNN convolve fastest (default: off: no faster on a CPU, see bench/speed.py "
                    "--compare channels-last)")
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode; reduce-overhead captures CUDA graphs (default: default)")
-    args = p.parse_args(argv)
-    args.given = given_flags(p, argv, args)  # --resume refuses a given flag that differs from the saved run
-    for key, value in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.gpus == 0:
-        args.device = "cpu"
-    if args.amp is None:
-        args.amp = "bf16" if native_bf16(args.device) else "off"
-    args.out = args.out or f"runs/{args.dataset}_{args.split.replace('/', '_')}_{args.teachers}"
-    return args
 
 
 def native_bf16(device):
@@ -283,8 +296,11 @@ def save_atomic(obj, path):
         with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError that says so
             torch.save(obj, f)
         os.replace(tmp, path)
-    except OSError as error:
-        raise write_error(path, error) from None
+    except (OSError, RuntimeError) as error:  # torch's zip writer turns a failed write into a RuntimeError
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        raise write_error(path, cause or error) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -299,7 +315,7 @@ def write_file(path, text):
 def write_error(path, error):
     """The one-line error for a failed write: the file and the cause (such as "no space left on device")."""
     cause = (error.strerror or str(error)).lower() if isinstance(error, OSError) else str(error)
-    return data.DataError(f"cannot write {path}: {cause}; expected a writable folder with free space (the previous "
+    return data.DataError(f"cannot write {path}: {cause}; expected a writable folder with free space (any previous "
                           f"{Path(path).name} is kept: free some space, then continue with --resume)")
 
 
@@ -729,13 +745,15 @@ def stop_signal(stop, trainer):
 
 
 def require_finite_weights(trainer, epoch, out):
-    """A run whose weights hold NaN or inf stops before they reach latest.pt or best.pt (its last latest.pt stays)."""
-    for name in ("student", "swin", "res"):
+    """A run whose weights (or BatchNorm statistics) hold NaN or inf stops before they reach latest.pt or best.pt;
+    its last latest.pt stays."""
+    for name in ("student", "swin", "res", "student_ema", "swin_ema", "res_ema"):
         model = getattr(trainer, name)
-        if model is not None and not torch.isfinite(sum(p.detach().float().sum() for p in model.parameters())):
+        tensors = [] if model is None else [t for t in model.state_dict().values() if t.is_floating_point()]
+        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
             raise data.DataError(f"the {name} weights hold NaN or inf after epoch {epoch + 1} (the run diverged); "
-                                 f"{out / 'latest.pt'} keeps the epoch before; expected finite weights: lower --lr "
-                                 f"or --swin-lr")
+                                 f"they are not saved ({out / 'latest.pt'}, if any, keeps the epoch before); expected "
+                                 f"finite weights: lower --lr or --swin-lr")
 
 
 def epoch_record(trainer, stage, epoch, iters, tally):

@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the repository's data.py and evaluate.py, not the ones in bench/
+sys.path.insert(0, REPO)  # python bench/x.py starts sys.path at bench/: import the repository's modules
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402

@@ -34,7 +34,6 @@ does not depend on them, and nothing is downloaded. Prints one JSON object.
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -44,9 +43,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the repository's data.py and models.py, not the ones in bench/
+sys.path.insert(0, REPO)  # python bench/x.py starts sys.path at bench/: import the repository's modules
 import data  # noqa: E402
 import train  # noqa: E402
+from bench.record import command, machine_and_commit  # noqa: E402
 
 KINDS = ["supervised", "teachers", "igl-dt", "igl-dt-frozen", "ema"]
 TEACHERS = {"supervised": "none", "ema": "ema"}  # the others hold both teachers
@@ -186,29 +186,6 @@ def peak_table(device):
     return next((peaks for key, peaks in PEAK_TFLOPS.items() if key in name), {})
 
 
-def machine(device):
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                        platform.processor())
-    return {"device": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "load_average": round(os.getloadavg()[0], 2)}
-
-
-def commit():
-    """The repository's commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def run_kind(argv, kind, extra=()):
     """One kind in a fresh process (so its peak memory is its own); its result."""
     child = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, *extra, "--kind", kind],
@@ -234,7 +211,7 @@ def main(argv=None):
                                           "output_stride", "swin_dim", "swin_depths", "res_width", "amp", "compile",
                                           "channels_last")}
     report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup},
-              "machine": machine(args.device), "commit": commit(), "command": " ".join(["python bench/speed.py", *argv])}
+              "command": command()} | machine_and_commit(args.device)
     if args.compare is None:
         results = {}
         for kind in args.kinds:

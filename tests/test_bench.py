@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,8 @@ def test_the_dev_set_is_unlabeled_training_images_and_keeps_the_split(tmp_path):
     chosen = dev_set.make_dev_set(tmp_path / "real", tmp_path / "dev", split="1/4", seed=0, count=5)
     real = data.build_datasets("folder", str(tmp_path / "real"), "1/4", str(tmp_path / "splits_real"), 32, 0)
     dev = data.build_datasets("folder", str(tmp_path / "dev"), "1/4", str(tmp_path / "splits_dev"), 32, 0)
-    read = lambda root, name: (tmp_path / root / "folder" / "1_4" / name).read_text()
+    read = lambda root, name: (Path(data.split_directory(tmp_path / root, "folder", tmp_path / root[7:], "1/4"))
+                               / name).read_text()  # splits_real holds the lists of real/, splits_dev of dev/
     assert read("splits_real", "labeled.txt") == read("splits_dev", "labeled.txt")  # the same 4 labeled images
     assert read("splits_real", "unlabeled.txt") == read("splits_dev", "unlabeled.txt")
     labeled = {line.split()[0] for line in read("splits_real", "labeled.txt").splitlines()}
@@ -98,7 +100,7 @@ def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(
             "--crop-size", "32", "--swin-dim", "12", "--swin-depths", "1", "1", "1", "1", "--res-width", "8",
             "--workers", "0", "--eval-every", "1"]
     bench = lambda out, *variants: quality.main(["--data-root", str(tmp_path / "real"), "--split", "1/4",
-                                                  "--device", "cpu", "--out", str(tmp_path / out),
+                                                  "--device", "cpu", "--out", str(tmp_path / out), "--dev-count", "4",
                                                   "--variants", *variants, "--", *tiny])
     read = lambda out: {r["variant"]: r for r in map(json.loads, (tmp_path / out / "records.jsonl").open())}
     bench("shared", "no-gcl", "igl-dt")  # given in this order, igl-dt still runs first

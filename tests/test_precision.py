@@ -16,7 +16,8 @@ def tiny_config(teachers="both", **flags):
     argv = ["--dataset", "synthetic", "--device", "cpu", "--teachers", teachers, "--batch-size", str(B),
             "--crop-size", str(C), "--swin-dim", "12", "--swin-depths", "1", "1", "1", "1", "--res-width", "8"]
     for flag, value in flags.items():
-        argv += [f"--{flag.replace('_', '-')}", str(value)]
+        name = flag.replace("_", "-")
+        argv += ([f"--{name}"] if value else [f"--no-{name}"]) if isinstance(value, bool) else [f"--{name}", str(value)]
     cfg = vars(train.parse_args(argv))
     for key in ("resume", "device", "gpus"):
         cfg.pop(key)
@@ -41,7 +42,7 @@ def train_steps(cfg, steps=3):
         losses = trainer.student_step(image, label, weak, strong, ignore, box)
         if trainer.trains_teachers:
             losses |= trainer.teacher_step(image, label, weak, ignore)
-        history.append({name: float(value) for name, value in losses.items()})
+        history.append({name: float(value.detach()) for name, value in losses.items()})
     return history, trainer
 
 

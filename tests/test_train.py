@@ -38,14 +38,20 @@ def read_log(out):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def runs_dir(tmp_path_factory):
+    """Where the shared runs live, with their one --splits-dir: a run that adopts their teachers must share it."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def trained(runs_dir):
     """trained(*extra) -> (run directory, what it printed) of the TINY run with `extra`. Each run trains once, however
     many tests read it; no test writes into it."""
-    base, runs = tmp_path_factory.mktemp("runs"), {}
+    runs = {}
 
     def trained_run(*extra):
         if extra not in runs:
-            out, args = run_tiny(base, f"run{len(runs)}", *extra)
+            out, args = run_tiny(runs_dir, f"run{len(runs)}", *extra)
             with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.redirect_stderr(io.StringIO()):
                 train.main(args)
             runs[extra] = out, printed.getvalue()
@@ -264,10 +270,10 @@ def test_frozen_teachers_end_stage_2_as_they_ended_stage_1(trained):
         assert_same_state(stage1, teachers(trained()))
 
 
-def test_teachers_from_gives_the_run_a_start_from_scratch_gives(trained, tmp_path):
+def test_teachers_from_gives_the_run_a_start_from_scratch_gives(trained, runs_dir):
     teachers, _ = trained(*STAGE_1)
     scratch, _ = trained("--freeze-teachers")
-    adopted, args = run_tiny(tmp_path, "adopted", "--freeze-teachers", "--teachers-from", str(teachers))
+    adopted, args = run_tiny(runs_dir, "adopted", "--freeze-teachers", "--teachers-from", str(teachers))
     train.main(args)
     a = torch.load(scratch / "latest.pt", weights_only=True)
     b = torch.load(adopted / "latest.pt", weights_only=True)
@@ -287,14 +293,14 @@ def test_teachers_from_gives_the_run_a_start_from_scratch_gives(trained, tmp_pat
     (["--no-freeze-teachers"], "--freeze-teachers"),  # co-training: the teachers' schedule spans both stages
     (["--freeze-teachers", "--teachers", "none"], "needs teachers"),
 ])
-def test_teachers_from_refuses_teachers_this_run_would_not_train(trained, tmp_path, capsys, extra, expected):
+def test_teachers_from_refuses_teachers_this_run_would_not_train(trained, runs_dir, capsys, extra, expected):
     teachers, _ = trained(*STAGE_1)
-    _, args = run_tiny(tmp_path, "student", "--teachers-from", str(teachers), *extra)
+    _, args = run_tiny(runs_dir, "student", "--teachers-from", str(teachers), *extra)
     with pytest.raises(SystemExit) as exited:
         train.main(args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
-    _, args = run_tiny(tmp_path, "student2", "--teachers-from", str(tmp_path / "no-such-run"))
+    _, args = run_tiny(runs_dir, "student2", "--teachers-from", str(runs_dir / "no-such-run"))
     with pytest.raises(SystemExit):
         train.main(args)
     assert "no latest.pt there" in capsys.readouterr().err

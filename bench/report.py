@@ -27,11 +27,12 @@ JSON object gives `<name>.json`; one that writes a record per run gives a folder
 (and its `summary.md`). Superseded results move, by the same rule, to `archive/`, whose `HISTORY.md` tells what
 they showed; this script reads everything else."""
 
-QUESTIONS = ("model_speed", "data_speed", "quality", "speed")  # the longer names first: model_speed is not speed
+QUESTIONS = ("model_speed", "data_speed", "quality", "speed", "train")  # the longer names first: model_speed is not speed
 BASELINES = ("supervised", "igl-dt", "ema")  # the main comparison; every other quality variant is an ablation
 PRECISIONS = ("fp32", "bf16", "fp16", "off")
 STEP_NAMES = {"supervised": "supervised student step", "teachers": "stage 1: teacher step (G + L, CPS)",
-              "igl-dt": "stage 2: student + teachers co-training", "igl-dt-frozen": "stage 2: student, teachers frozen"}
+              "igl-dt": "stage 2: student + teachers co-training", "igl-dt-frozen": "stage 2: student, teachers frozen",
+              "ema": "one-teacher baseline: student + its EMA teacher"}
 VARIANTS = ("supervised", "igl-dt", "ema", "no-gcl", "no-lrl", "no-dl", "swin-only", "res-only")  # table order
 DROPPED_FLAGS = ("--out", "--splits-dir", "--teachers-from")  # where files went and came from: shown apart
 # Records written before the benchmarks stored their commit: the commit that added them to the repository.
@@ -385,6 +386,24 @@ def data_section(found, headlines):
     return lines
 
 
+def train_section(found, headlines):
+    """Whole train.py runs (the quick start, say): the student's mIoU and the wall time of each."""
+    lines = []
+    for name, records in found:
+        rows = []
+        for _, r in sorted(records, key=lambda wr: (wr[1].get("seed", 0), wr[1].get("amp", ""))):
+            rows.append([command_text(r["command"]), precision(r.get("amp")), scalar(r.get("seed", "—")),
+                         number(r["miou_last"]), number(r.get("miou_best")) if r.get("miou_best") is not None
+                         else "—", number(r.get("wall_s"), 1) if r.get("wall_s") is not None else "—",
+                         "yes" if r.get("machine_alone") else "no", commit_text(r), machine_text(r.get("machine"))])
+            headlines.append(f"{name}: seed {r.get('seed')} {precision(r.get('amp'))}: student mIoU "
+                             f"{number(r['miou_last'])} in {number(r.get('wall_s'), 1)} s")
+        if rows:
+            lines += [f"### `{name}`", ""] + table(["command", "amp", "seed", "student mIoU", "best", "wall s",
+                                                    "machine alone", "commit", "machine"], rows) + [""]
+    return lines
+
+
 # ---- the page ----------------------------------------------------------------------------------------------------
 
 def render(results=RESULTS):
@@ -414,6 +433,9 @@ def render(results=RESULTS):
         (models_section(found.get("model_speed", []), headlines) or none)
     page += ["## The data pipeline", "", "`bench/data_speed.py`: the unlabeled pipeline (decode, weak and strong "
              "views, ignore mask, CutMix box).", ""] + (data_section(found.get("data_speed", []), headlines) or none)
+    page += ["## Whole runs", "", "`python train.py ...` end to end: the student's last mIoU and the wall time "
+             "(a wall time counts only where the machine ran nothing else).", ""] + \
+        (train_section(found.get("train", []), headlines) or none)
     unknown = [name for name, _ in found.get(None, [])]
     if unknown:
         page += ["## Not read", "", "These names follow no known script's name, so no table reads them: " +

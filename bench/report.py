@@ -33,6 +33,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "off")
 STEP_NAMES = {"supervised": "supervised student step", "teachers": "stage 1: teacher step (G + L, CPS)",
               "igl-dt": "stage 2: student + teachers co-training", "igl-dt-frozen": "stage 2: student, teachers frozen",
               "ema": "one-teacher baseline: student + its EMA teacher"}
+STAGE_2_HEADLINES = {"igl-dt": "stage 2 (teachers co-training)", "igl-dt-frozen": "stage 2 (teachers frozen)"}
 VARIANTS = ("supervised", "igl-dt", "ema", "no-gcl", "no-lrl", "no-dl", "swin-only", "res-only")  # table order
 DROPPED_FLAGS = ("--out", "--splits-dir", "--teachers-from")  # where files went and came from: shown apart
 # Records written before the benchmarks stored their commit: the commit that added them to the repository.
@@ -324,13 +325,9 @@ def speed_section(found, headlines):
             rows.append([STEP_NAMES.get(m["kind"], m["kind"]), m["amp"], number(m["seconds_per_step"], 4),
                          rate(m.get("images_per_s")), mebibytes(m.get("peak_mem_mb")),
                          number(over) if over else "—", command, commit_text(m), machine_text(m.get("machine"))])
-            if m["kind"] == "igl-dt" and over:
-                headlines.append(f"{name}: stage 2 (teachers co-training) {number(m['seconds_per_step'], 4)} s a step, "
-                                 f"{number(over)} x the supervised step ({m['amp']}), peak "
-                                 f"{mebibytes(m.get('peak_mem_mb'))}")
-            if m["kind"] == "igl-dt-frozen" and over:
-                headlines.append(f"{name}: stage 2 (teachers frozen) {number(m['seconds_per_step'], 4)} s a step, "
-                                 f"{number(over)} x the supervised step ({m['amp']}), peak "
+            if m["kind"] in STAGE_2_HEADLINES and over:
+                headlines.append(f"{name}: {STAGE_2_HEADLINES[m['kind']]} {number(m['seconds_per_step'], 4)} s a "
+                                 f"step, {number(over)} x the supervised step ({m['amp']}), peak "
                                  f"{mebibytes(m.get('peak_mem_mb'))}")
             if m["kind"] == "teachers":
                 headlines.append(f"{name}: stage 1 (teachers) {number(m['seconds_per_step'], 4)} s a step, peak "

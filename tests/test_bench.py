@@ -2,13 +2,14 @@
 pixels, the dev set (bench/dev_set.py), the quality benchmark's shared teachers (bench/quality.py), the
 speed benchmark's random weights (bench/speed.py), and that no script in bench/ takes a top-level module's name."""
 import glob
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+import bench_scripts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 module_names = lambda folder: {os.path.basename(path)[:-3] for path in glob.glob(os.path.join(folder, "*.py"))}
@@ -22,9 +23,7 @@ def test_no_bench_script_shadows_a_top_level_module():
 
 @pytest.fixture(scope="module")
 def pseudo_labels():
-    spec = importlib.util.spec_from_file_location("pseudo_labels", os.path.join(REPO, "bench", "pseudo_labels.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_scripts.load("pseudo_labels")
     return module
 
 
@@ -64,9 +63,7 @@ def test_count_pixels_follows_the_surer_teacher_either_way(pseudo_labels):
 def test_the_dev_set_is_unlabeled_training_images_and_keeps_the_split(tmp_path):
     import data
     from test_data import make_folder  # tests/ is on the path: pytest puts a test file's folder there
-    spec = importlib.util.spec_from_file_location("dev_set", os.path.join(REPO, "bench", "dev_set.py"))
-    dev_set = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev_set)
+    dev_set = bench_scripts.load("dev_set")
 
     make_folder(tmp_path / "real", train=16, val=4, unlabeled=3)
     chosen = dev_set.make_dev_set(tmp_path / "real", tmp_path / "dev", split="1/4", seed=0, count=5)
@@ -92,9 +89,7 @@ def test_the_dev_set_is_unlabeled_training_images_and_keeps_the_split(tmp_path):
 
 def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(tmp_path):
     from test_data import make_folder
-    spec = importlib.util.spec_from_file_location("quality", os.path.join(REPO, "bench", "quality.py"))
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = bench_scripts.load("quality")
     make_folder(tmp_path / "real", train=16, val=4, unlabeled=3)
     tiny = ["--teacher-epochs", "1", "--student-epochs", "1", "--max-iters", "2", "--batch-size", "2",
             "--crop-size", "32", "--swin-dim", "12", "--swin-depths", "1", "1", "1", "1", "--res-width", "8",
@@ -118,9 +113,7 @@ def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(
 @pytest.mark.parametrize("dataset", ["voc", "cityscapes", "folder", "synthetic"])
 def test_the_speed_benchmark_builds_every_network_from_random_weights(dataset):
     # The paper's datasets default to ImageNet weights; a GPU machine without internet must still measure them.
-    spec = importlib.util.spec_from_file_location("speed", os.path.join(REPO, "bench", "speed.py"))
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = bench_scripts.load("speed")
     cfg = speed.trainer_config(speed.parse_args(["--dataset", dataset, "--device", "cpu"]), "both")
     assert (cfg["pretrained"], cfg["pretrained_swin"], cfg["pretrained_res"]) == ("none", "none", "none")
     assert cfg["dataset"] == dataset and cfg["batch_size"] > 0

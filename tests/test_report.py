@@ -1,20 +1,19 @@
 """The results page cannot drift from its records: bench/results/README.md is exactly what bench/report.py makes
 of the committed records, and the script reads the record shapes the benchmarks write (standard library only)."""
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+import bench_scripts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("report", os.path.join(REPO, "bench", "report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_scripts.load("report")
     return module
 
 

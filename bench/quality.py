@@ -217,7 +217,7 @@ def read_run(run_dir, device, dev_root, dev_splits):
                               for name, iou in zip(info.class_names, result["iou"])},
             "pseudo_label_shares": [{"epoch": r["epoch"], "agreed": round(r["share_agreed"], 4),
                                      "disputed": round(r["share_disputed"], 4)}
-                                    for r in student if "share_agreed" in r],
+                                    for r in log if r["stage"] == "student" and "share_agreed" in r],
             "train_s": round(sum(seconds.values()), 1),  # the epochs alone, without evaluation and start-up
             "images_per_s": {stage: rate(images[stage], seconds[stage]) for stage in seconds}
             | {"all": rate(sum(images.values()), sum(seconds.values()))},

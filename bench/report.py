@@ -301,20 +301,28 @@ def _means(runs, variants, baseline, name, label, headlines):
 
 # ---- speed, networks, data ---------------------------------------------------------------------------------------
 
+def measured(found, marker):
+    """(source name, its measurements holding `marker`) for each source that has any."""
+    for name, records in found:
+        found_here = [m for _, r in records for m in measurements(r, marker)]
+        if found_here:
+            yield name, found_here
+
+
+def settings_header(name, settings):
+    return [f"### `{name}`", "", "Settings: " + (scalar(settings) if settings else NOT_RECORDED) + ".", ""]
+
+
 def speed_section(found, headlines):
     lines = []
-    for name, records in found:
-        steps = [m for _, r in records for m in measurements(r, "seconds_per_step")]
-        if not steps:
-            continue
+    for name, steps in measured(found, "seconds_per_step"):
         for m in steps:  # the kind and precision: the record's own keys, else the keys that lead to it
             names = [k for k in m["path"] if k not in PRECISIONS and k != "kinds"]
             m["kind"] = m.get("kind") or (names[-1] if names else "step")
             m["amp"] = precision(m.get("amp") or next((k for k in m["path"] if k in PRECISIONS), None)
                                  or m.get("settings", {}).get("amp"))
         base = {m["amp"]: m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
-        settings = steps[0].get("settings", {})
-        lines += [f"### `{name}`", "", "Settings: " + (scalar(settings) if settings else NOT_RECORDED) + ".", ""]
+        lines += settings_header(name, steps[0].get("settings", {}))
         rows = []
         for m in sorted(steps, key=lambda m: (list(STEP_NAMES).index(m["kind"]) if m["kind"] in STEP_NAMES else 9,
                                               m["kind"], str(m["amp"]))):
@@ -339,12 +347,8 @@ def speed_section(found, headlines):
 
 def models_section(found, headlines):
     lines = []
-    for name, records in found:
-        nets = [m for _, r in records for m in measurements(r, "params")]
-        if not nets:
-            continue
-        settings = nets[0].get("settings", {})
-        lines += [f"### `{name}`", "", "Settings: " + (scalar(settings) if settings else NOT_RECORDED) + ".", ""]
+    for name, nets in measured(found, "params"):
+        lines += settings_header(name, nets[0].get("settings", {}))
         rows = []
         for m in sorted(nets, key=lambda m: m.get("network", m["path"][-1] if m["path"] else "")):
             net = m.get("network", m["path"][-1] if m["path"] else "network")

@@ -6,6 +6,8 @@ Notation used in every docstring:
     probs   (B, K, H, W)  a teacher's softmax, already detached (teachers are EMA copies, no gradient)
     ignore  (B, H, W)     bool, True for pixels that carry no information (crop padding, label 255)
     p = softmax(logits), the student's class probabilities.
+    G, L  the global teacher (the Swin-UNet) and the local teacher (the ResUNet): probs_g, probs_l; train.py
+          names its tensors the same way, and its networks (swin, res) by their architecture.
 
 The student objective assembled in train.py is
     L = L_l + lambda_u * (L_pl + lambda_dis * L_dis + lambda_glo * L_glo + lambda_loc * L_loc)

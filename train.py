@@ -326,11 +326,11 @@ def peak_memory_mb(device):
 
 
 @torch.no_grad()
-def pseudo_label_shares(probs_swin, probs_res, ignore, threshold):
+def pseudo_label_shares(probs_g, probs_l, ignore, threshold):
     """What the student is taught on the unlabeled view: the share of valid pixels whose teachers agree with
     confidence >= threshold (L_pl's targets), and of those where they disagree (L_dis's), as UniMatch logs its
     mask ratio. Shapes as in `losses.dual_teacher_targets`."""
-    agreed, disputed, _ = dual_teacher_targets(probs_swin, probs_res, ignore, threshold)
+    agreed, disputed, _ = dual_teacher_targets(probs_g, probs_l, ignore, threshold)
     valid = (~ignore).sum().clamp(min=1)
     return {"share_agreed": (agreed != IGNORE_INDEX).sum() / valid,
             "share_disputed": (disputed != IGNORE_INDEX).sum() / valid}
@@ -338,7 +338,10 @@ def pseudo_label_shares(probs_swin, probs_res, ignore, threshold):
 
 # ------------------------------------------------------------------------------------------------ the method
 class Trainer:
-    """Holds the three networks, the teachers' EMA copies, their optimisers, and one iteration of each stage."""
+    """Holds the three networks, the teachers' EMA copies, their optimisers, and one iteration of each stage.
+
+    The teachers' tensors are named by their role, as in losses.py: G, the global teacher (the Swin-UNet), L, the
+    local teacher (the ResUNet); the networks, their checkpoint keys and their log keys by their architecture."""
 
     def __init__(self, cfg, rank, world, device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -404,15 +407,15 @@ class Trainer:
         both = torch.cat([image, weak])
         losses = {}
         with self.autocast():
-            logits_swin = self.swin_ddp(both) if self.uses("swin") else None
-            logits_res = self.res_ddp(both) if self.uses("res") else None
-        if logits_swin is not None:
-            losses["sup_swin"] = sup_loss(logits_swin[:n], label)
-        if logits_res is not None:
-            losses["sup_res"] = sup_loss(logits_res[:n], label)
+            logits_g = self.swin_ddp(both) if self.uses("swin") else None
+            logits_l = self.res_ddp(both) if self.uses("res") else None
+        if logits_g is not None:
+            losses["sup_swin"] = sup_loss(logits_g[:n], label)
+        if logits_l is not None:
+            losses["sup_res"] = sup_loss(logits_l[:n], label)
         loss = sum(losses.values())
-        if logits_swin is not None and logits_res is not None:
-            losses["cps"] = cps_loss(logits_swin[n:], logits_res[n:], ignore)
+        if logits_g is not None and logits_l is not None:
+            losses["cps"] = cps_loss(logits_g[n:], logits_l[n:], ignore)
             # From scratch, two untrained teachers can agree on nonsense (both predicting the majority class);
             # ramping CPS up linearly over `cps_rampup` iterations lets supervision shape them first.
             rampup = min(1.0, (self.steps["teachers"] + 1) / max(1, cfg["cps_rampup_iters"]))
@@ -447,30 +450,30 @@ class Trainer:
         # 1. The EMA teachers read the weak view. A lone teacher (or the student's EMA copy, --teachers ema)
         #    fills both roles (then L_dis is 0).
         with torch.no_grad(), self.autocast():
-            probs_swin = self.swin_teacher(weak).float().softmax(dim=1) if self.uses("swin") else None
-            probs_res = self.res_teacher(weak).float().softmax(dim=1) if self.uses("res") else None
+            probs_g = self.swin_teacher(weak).float().softmax(dim=1) if self.uses("swin") else None
+            probs_l = self.res_teacher(weak).float().softmax(dim=1) if self.uses("res") else None
             if self.ema_teacher is not None:
-                probs_swin = self.ema_teacher(weak).float().softmax(dim=1)
-        probs_swin = probs_res if probs_swin is None else probs_swin
-        probs_res = probs_swin if probs_res is None else probs_res
+                probs_g = self.ema_teacher(weak).float().softmax(dim=1)
+        probs_g = probs_l if probs_g is None else probs_g
+        probs_l = probs_g if probs_l is None else probs_l
         # 2. CutMix: the box pastes another image of the batch into the strong view; its teachers' predictions
         #    and its ignore mask are pasted alike, so targets stay aligned with pixels.
         mix = lambda t: data.cutmix(t, t.roll(1, dims=0), box)
-        strong, probs_swin, probs_res, ignore = mix(strong), mix(probs_swin), mix(probs_res), mix(ignore)
+        strong, probs_g, probs_l, ignore = mix(strong), mix(probs_g), mix(probs_l), mix(ignore)
         # 3. The student reads labeled images and the strong view in one batch.
         with self.autocast():
             logits = self.student_ddp(torch.cat([image, strong]))
         logits_labeled, logits_strong = logits[:n], logits[n:]
         losses = {
             "sup": sup_loss(logits_labeled, label, 0.7 if cfg["ohem"] else None),
-            "pl": pseudo_label_loss(logits_strong, probs_swin, probs_res, ignore, cfg["threshold"]),
-            "dis": discrepancy_loss(logits_strong, probs_swin, probs_res, ignore),
-            "glo": global_context_loss(logits_strong, probs_swin, ignore),
-            "loc": local_regional_loss(logits_strong, probs_res, ignore, cfg["region"]),
+            "pl": pseudo_label_loss(logits_strong, probs_g, probs_l, ignore, cfg["threshold"]),
+            "dis": discrepancy_loss(logits_strong, probs_g, probs_l, ignore),
+            "glo": global_context_loss(logits_strong, probs_g, ignore),
+            "loc": local_regional_loss(logits_strong, probs_l, ignore, cfg["region"]),
         }
         unlabeled = losses["pl"] + cfg["lambda_dis"] * losses["dis"] + cfg["lambda_glo"] * losses["glo"] \
             + cfg["lambda_loc"] * losses["loc"]
-        losses |= pseudo_label_shares(probs_swin, probs_res, ignore, cfg["threshold"])
+        losses |= pseudo_label_shares(probs_g, probs_l, ignore, cfg["threshold"])
         return self._step_student(losses["sup"] + cfg["lambda_u"] * unlabeled, losses)
 
     def _step_student(self, loss, losses):

@@ -73,10 +73,9 @@ import evaluate  # noqa: E402
 import train  # noqa: E402
 from bench.dev_set import make_dev_set  # noqa: E402
 from bench.record import machine_and_commit  # noqa: E402
+from bench.stats import interval_text, paired  # noqa: E402
 
 BUDGETS = ["same-student-epochs", "equal-compute"]
-# t_{0.975} with n - 1 degrees of freedom, for the 95 % interval of a mean over n seeds
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 VARIANTS = {"supervised": ["--teachers", "none"], "ema": ["--teachers", "ema"], "igl-dt": [], "no-gcl": ["--lambda-glo", "0"],
             "no-lrl": ["--lambda-loc", "0"], "no-dl": ["--lambda-dis", "0"], "swin-only": ["--teachers", "swin"],
@@ -225,18 +224,6 @@ def read_run(run_dir, device, dev_root, dev_splits):
             "config": cfg}
 
 
-def paired(reference, other):
-    """Mean and 95 % t-interval of reference - other over the seeds both have; None with fewer than 2."""
-    diffs = [reference[seed] - other[seed] for seed in sorted(set(reference) & set(other))]
-    if not diffs:
-        return None
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return {"n": 1, "mean": round(mean, 2), "ci95": None}
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"n": len(diffs), "mean": round(mean, 2), "ci95": [round(mean - half, 2), round(mean + half, 2)]}
-
-
 def summarize(records):
     """One row per (variant, budget): per-seed val and dev mIoU, means, and IGL-DT minus the variant, by seed."""
     igl = {key: {r["seed"]: r[key] for r in records if r["variant"] == "igl-dt"} for key in ("miou_last", "miou_dev")}
@@ -288,10 +275,7 @@ def markdown(rows, records):
     lines += ["| variant | budget | student epochs | cost | seeds | val per seed | val mean | Δ val | dev per seed "
               "| dev mean | Δ dev | wall min |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda values: ", ".join(f"{v:.2f}" for v in values)
-    def delta(d):
-        if d is None:
-            return ""
-        return f"{d['mean']:+.2f}" + (f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d["ci95"] else " (1 seed)")
+    delta = lambda d: "" if d is None else interval_text(d)
     for row in rows:
         cost = "" if row["cost_units"] is None else f"{row['cost_units']:.1f}"
         mean = lambda v: "" if v is None else f"{v:.2f}"
@@ -305,12 +289,14 @@ def markdown(rows, records):
                   "same result as a start from scratch): the wall time leaves out stage 1."]
     shares = [r for r in records if r.get("pseudo_label_shares")]
     if shares:
-        lines += ["", "Pseudo-label shares per student epoch (of valid unlabeled pixels: agreed and kept / "
-                  "disputed), seed 0 of each semi-supervised variant:", ""]
-        for r in sorted(shares, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
-            if r["seed"] == min(x["seed"] for x in shares if x["variant"] == r["variant"]):
-                lines.append(f"- {r['variant']} ({r.get('budget')}): " + "; ".join(
-                    f"{s['epoch']}: {s['agreed']:.3f} / {s['disputed']:.3f}" for s in r["pseudo_label_shares"]))
+        lines += ["", "What the student is taught: the share of valid unlabeled pixels that get an agreed pseudo-label "
+                  "above the threshold (L_pl's targets) and that the teachers dispute (L_dis's), per student epoch, "
+                  "for the first seed of each semi-supervised run:", "",
+                  "| run | budget | epoch | agreed and kept | disputed |", "|---|---|---|---|---|"]
+        for r in sorted(shares, key=lambda r: (list(VARIANTS).index(r["variant"]), r["budget"], r["seed"])):
+            if r["seed"] == min(x["seed"] for x in shares if (x["variant"], x["budget"]) == (r["variant"], r["budget"])):
+                lines += [f"| {r['run']} | {r['budget']} | {s['epoch']} | {s['agreed']:.3f} | {s['disputed']:.3f} |"
+                          for s in r["pseudo_label_shares"]]
     return "\n".join(lines) + "\n"
 
 

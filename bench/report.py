@@ -17,6 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script or loaded from its file
+from bench.stats import interval_text, paired  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 NAMING = """\
@@ -199,22 +202,29 @@ def quality_runs(records):
 
 
 def groups(runs):
-    """Runs that may be compared with one another: the same budget and precision where the records give them."""
+    """Runs that may be compared with one another: the same budget and precision where the records give them. A
+    run of budget "both" (IGL-DT and its ablations, whose epochs no budget changes) joins every budget of its
+    precision."""
     keyed = {}
     for run in runs:
         key = (scalar(run.get("budget", "")), scalar(run.get("amp", "")))
         keyed.setdefault(key, []).append(run)
+    for (budget, amp), shared in list(keyed.items()):
+        others = [key for key in keyed if key[1] == amp and key[0] != budget]
+        if budget == "both" and others:
+            del keyed[budget, amp]
+            for key in others:
+                keyed[key] = shared + keyed[key]
     return sorted(keyed.items())
 
 
 def paired_gain(runs, variant, baseline, key="miou_last"):
-    """Mean over the seeds both variants have of variant - baseline, and those seeds."""
-    by_seed = {(r["variant"], r.get("seed")): r.get(key) for r in runs}
-    seeds = sorted(s for v, s in by_seed if v == variant and isinstance(by_seed.get((baseline, s)), (int, float))
-                   and isinstance(by_seed[v, s], (int, float)))
-    if not seeds:
-        return None, []
-    return statistics.mean(by_seed[variant, s] - by_seed[baseline, s] for s in seeds), seeds
+    """variant - baseline paired by seed (bench/stats.py's mean and 95 % t-interval), and the seeds both have."""
+    figures = lambda name: {r.get("seed"): r[key] for r in runs
+                            if r["variant"] == name and isinstance(r.get(key), (int, float))}
+    difference = paired(figures(variant), figures(baseline))
+    seeds = sorted(set(figures(variant)) & set(figures(baseline)))
+    return difference, seeds
 
 
 def mean_of(runs, variant, key="miou_last"):
@@ -262,12 +272,13 @@ def quality_sections(found, headlines):
             ablations = [r for r in group if r["variant"] not in BASELINES or r["variant"] == "igl-dt"]
             if main:
                 beat += [f"### {label}", ""] + quality_table(main, "supervised", extra) + [""]
-                beat += _means(group, ("igl-dt", "ema"), "supervised", name, label, headlines) + [""]
+                beat += _means(group, (("igl-dt", "supervised"), ("ema", "supervised"), ("igl-dt", "ema")), name,
+                               label, headlines) + [""]
                 beat += footnote_commit(name) + [""]
             if [r for r in ablations if r["variant"] != "igl-dt"]:
                 parts += [f"### {label}", ""] + quality_table(ablations, "igl-dt", extra) + [""]
-                parts += _means(group, sorted({r["variant"] for r in ablations} - {"igl-dt"}, key=_variant_order),
-                                "igl-dt", name, label, headlines) + [""]
+                variants = sorted({r["variant"] for r in ablations} - {"igl-dt"}, key=_variant_order)
+                parts += _means(group, [(v, "igl-dt") for v in variants], name, label, headlines) + [""]
                 if any(r.get("teachers_from") for r in ablations):
                     parts += ["*: started from the teachers of igl-dt's run of the same seed (`train.py "
                               "--teachers-from`, the same result as a start from scratch), so the wall time leaves "
@@ -276,16 +287,18 @@ def quality_sections(found, headlines):
     return beat, parts
 
 
-def _means(runs, variants, baseline, name, label, headlines):
+def _means(runs, pairs, name, label, headlines):
+    """One line for each (variant, baseline) of `pairs` that share a seed: both means, and variant - baseline
+    paired by seed with its 95 % t-interval, on val and on the dev set."""
     lines = []
-    for variant in variants:
+    for variant, baseline in pairs:
         gain, seeds = paired_gain(runs, variant, baseline)
         if gain is None:
             continue
         mine, n = mean_of([r for r in runs if r.get("seed") in seeds], variant)
         theirs, _ = mean_of([r for r in runs if r.get("seed") in seeds], baseline)
         seed_text = ", ".join(str(s) for s in seeds)
-        line = (f"`{variant}` {number(mine)} against `{baseline}` {number(theirs)}: {number(gain, sign=True)} "
+        line = (f"`{variant}` {number(mine)} against `{baseline}` {number(theirs)}: {interval_text(gain)} "
                 f"(val mIoU, mean over seed{'s' if n > 1 else ''} {seed_text})")
         minutes = [mean_of([r for r in runs if r.get("seed") in seeds and not r.get("teachers_from")], v, "wall_s")[0]
                    for v in (variant, baseline)]
@@ -293,7 +306,7 @@ def _means(runs, variants, baseline, name, label, headlines):
             line += f", {number(minutes[0] / 60, 1)} and {number(minutes[1] / 60, 1)} min a run"
         dev_gain, dev_seeds = paired_gain(runs, variant, baseline, "miou_dev")
         if dev_gain is not None:
-            line += f"; on the dev set {number(dev_gain, sign=True)} (seeds {', '.join(map(str, dev_seeds))})"
+            line += f"; on the dev set {interval_text(dev_gain)} (seeds {', '.join(map(str, dev_seeds))})"
         lines.append("- " + line + ".")
         headlines.append(f"{label.replace('`', '')}: {line}")
     return lines

@@ -59,3 +59,38 @@ def test_new_record_shapes_extra_keys_and_missing_variants(report, tmp_path):
     assert any("speed_gpu.json" in line and "3.00 x" in line and "(bf16)" in line for line in headlines)
     assert "| supervised student step | fp32 | 0.5000 |" in text
     assert "`mystery.json`" in text  # a name no table reads is listed, not dropped
+
+
+def test_paired_difference_and_its_t_interval_by_hand():
+    stats = bench_scripts.load("stats")
+    # differences 2, 3, 1 over seeds 0..2 (seed 3 has no partner): mean 2, sd 1, t_{0.975, 2} = 4.303
+    difference = stats.paired({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 3.0, 3: 9.0})
+    half = 4.303 / 3 ** 0.5
+    assert difference == {"n": 3, "mean": 2.0, "ci95": [round(2 - half, 2), round(2 + half, 2)]}
+    assert stats.interval_text(difference) == "+2.00 [-0.48, +4.48]"
+    assert stats.paired({0: 1.0}, {0: 3.0}) == {"n": 1, "mean": -2.0, "ci95": None}
+    assert stats.paired({0: 1.0}, {1: 3.0}) is None
+
+
+def test_igl_dt_is_paired_with_the_baselines_of_each_budget(report, tmp_path):
+    # bench/quality.py records IGL-DT once (budget "both": no budget changes its epochs) and each baseline per
+    # budget; every budget's table compares them, seed by seed.
+    quality = tmp_path / "quality_cpu"
+    quality.mkdir()
+    figures = {("igl-dt", "both"): (40.0, 42.0, 41.0), ("supervised", "same-student-epochs"): (30.0, 33.0, 30.0),
+               ("supervised", "equal-compute"): (45.0, 44.0, 46.0), ("ema", "equal-compute"): (39.0, 40.0, 43.0)}
+    runs = [{"variant": variant, "budget": budget, "seed": seed, "miou_last": value, "miou_dev": value - 5,
+             "amp": "bf16", "commit": "abc1234"}
+            for (variant, budget), values in figures.items() for seed, value in enumerate(values)]
+    (quality / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+
+    text, headlines = report.render(tmp_path)
+
+    same = [line for line in headlines if "same-student-epochs" in line]
+    equal = [line for line in headlines if "equal-compute" in line]
+    # same epochs: differences 10, 9, 11 -> mean 10, sd 1; equal compute: -5, -2, -5 -> mean -4, sd 1.73
+    assert any("`igl-dt` 41.00 against `supervised` 31.00: +10.00 [+7.52, +12.48]" in line for line in same)
+    assert any("`igl-dt` 41.00 against `supervised` 45.00: -4.00 [-8.30, +0.30]" in line for line in equal)
+    assert any("`igl-dt` 41.00 against `ema` 40.67: +0.33" in line for line in equal)
+    assert any("on the dev set +10.00 [+7.52, +12.48]" in line for line in same)
+    assert "budget both" not in text  # IGL-DT is not left alone in a table of its own

@@ -265,6 +265,7 @@ def quality_sections(found, headlines):
     beat, parts = [], []
     for name, records in found:
         runs = quality_runs(records)
+        shown = set()  # ablations of budget "both" join every budget's group: their table is shown once
         for (budget, amp), group in groups(runs):
             label = f"`{name}`" + (f", budget {budget}" if budget else "") + (f", amp {amp}" if amp else "")
             extra = [(lab, key) for lab, key in extra_columns(group) if key not in ("budget", "amp")]
@@ -275,6 +276,11 @@ def quality_sections(found, headlines):
                 beat += _means(group, (("igl-dt", "supervised"), ("ema", "supervised"), ("igl-dt", "ema")), name,
                                label, headlines) + [""]
                 beat += footnote_commit(name) + [""]
+            if all(r.get("budget") == "both" for r in ablations):
+                label = f"`{name}`" + (f", amp {amp}" if amp else "")
+                if label in shown:
+                    continue
+                shown.add(label)
             if [r for r in ablations if r["variant"] != "igl-dt"]:
                 parts += [f"### {label}", ""] + quality_table(ablations, "igl-dt", extra) + [""]
                 variants = sorted({r["variant"] for r in ablations} - {"igl-dt"}, key=_variant_order)

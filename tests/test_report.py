@@ -78,7 +78,8 @@ def test_igl_dt_is_paired_with_the_baselines_of_each_budget(report, tmp_path):
     quality = tmp_path / "quality_cpu"
     quality.mkdir()
     figures = {("igl-dt", "both"): (40.0, 42.0, 41.0), ("supervised", "same-student-epochs"): (30.0, 33.0, 30.0),
-               ("supervised", "equal-compute"): (45.0, 44.0, 46.0), ("ema", "equal-compute"): (39.0, 40.0, 43.0)}
+               ("supervised", "equal-compute"): (45.0, 44.0, 46.0), ("ema", "equal-compute"): (39.0, 40.0, 43.0),
+               ("no-gcl", "both"): (39.0, 41.0, 40.0)}
     runs = [{"variant": variant, "budget": budget, "seed": seed, "miou_last": value, "miou_dev": value - 5,
              "amp": "bf16", "commit": "abc1234"}
             for (variant, budget), values in figures.items() for seed, value in enumerate(values)]
@@ -94,3 +95,5 @@ def test_igl_dt_is_paired_with_the_baselines_of_each_budget(report, tmp_path):
     assert any("`igl-dt` 41.00 against `ema` 40.67: +0.33" in line for line in equal)
     assert any("on the dev set +10.00 [+7.52, +12.48]" in line for line in same)
     assert "budget both" not in text  # IGL-DT is not left alone in a table of its own
+    ablation = [line for line in headlines if "`no-gcl`" in line]  # once, not once per budget
+    assert len(ablation) == 1 and "`no-gcl` 40.00 against `igl-dt` 41.00: -1.00 [-1.00, -1.00]" in ablation[0]

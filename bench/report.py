@@ -158,12 +158,14 @@ def commit_text(record):
 
 def command_text(command):
     """A recorded command without its bookkeeping flags, its data directory written as its name in capitals
-    (the path was the machine's, the name is the dataset's)."""
+    (the path was the machine's, the name is the dataset's), and a flag given twice shown once, with the value
+    that counts (bench/quality.py gives the budget's --student-epochs after those passed on to train.py)."""
     words, shown, skip = command.split(), [], False
     for i, word in enumerate(words):
+        has_value = word.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--")
         if skip:
             skip = False
-        elif word in DROPPED_FLAGS:
+        elif word in DROPPED_FLAGS or (has_value and word in words[i + 2:]):  # a flag given again: the last counts
             skip = True
         elif i and words[i - 1] == "--data-root":
             shown.append(Path(word).name.upper() or word)

@@ -97,3 +97,8 @@ def test_igl_dt_is_paired_with_the_baselines_of_each_budget(report, tmp_path):
     assert "budget both" not in text  # IGL-DT is not left alone in a table of its own
     ablation = [line for line in headlines if "`no-gcl`" in line]  # once, not once per budget
     assert len(ablation) == 1 and "`no-gcl` 40.00 against `igl-dt` 41.00: -1.00 [-1.00, -1.00]" in ablation[0]
+
+
+def test_a_command_shows_each_flag_once_with_the_value_that_counts(report):
+    command = "python train.py --data-root /data/camvid --student-epochs 3 --seed 1 --student-epochs 12 --out x"
+    assert report.command_text(command) == "`python train.py --data-root CAMVID --seed 1 --student-epochs 12`"

@@ -320,6 +320,26 @@ def _means(runs, pairs, name, label, headlines):
     return lines
 
 
+def cross_folder_sections(found, headlines):
+    """A results folder whose `paired_with.json` names another ({"paired_with": NAME, "why": ...}) ran IGL-DT under
+    other settings with the same split, seeds and dev set: its IGL-DT is paired by seed with every variant there."""
+    by_name = dict(found)
+    lines = []
+    for name, records in found:
+        note = next((r for _, r in records if "paired_with" in r), None)
+        if note is None or note["paired_with"] not in by_name:
+            continue
+        other = note["paired_with"]
+        mine = [r | {"variant": f"igl-dt ({name})"} for r in quality_runs(records) if r["variant"] == "igl-dt"]
+        theirs = [r | {"variant": r["variant"] + (f", {r['budget']}" if r.get("budget") not in (None, "both") else "")
+                       + f" ({other})"} for r in quality_runs(by_name[other]) if r["variant"] in BASELINES]
+        variants = sorted({r["variant"] for r in theirs}, key=lambda v: _variant_order(v.split(" ")[0].rstrip(",")))
+        lines += [f"### `{name}` against `{other}`", "", note.get("why", ""), ""]
+        lines += _means(mine + theirs, [(mine[0]["variant"], v) for v in variants], name, f"`{name}`",
+                        headlines) + [""]
+    return lines
+
+
 # ---- speed, networks, data ---------------------------------------------------------------------------------------
 
 def measured(found, marker):
@@ -445,7 +465,7 @@ def render(results=RESULTS):
             "## Does IGL-DT beat supervised training?", "",
             "`bench/quality.py`: the student's val mIoU after its last epoch (no checkpoint chosen on val), each "
             "variant with the same student epochs.", ""]
-    page += beat or none
+    page += (beat + cross_folder_sections(found.get("quality", []), headlines)) or none
     page += ["## What does each part add?", "", "The ablations of `bench/quality.py`, against IGL-DT of the same seed "
              "and the same records.", ""] + (parts or none)
     page += ["## What does each step cost?", "", "`bench/speed.py`: one training step of each kind on random "

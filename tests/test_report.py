@@ -102,3 +102,21 @@ def test_igl_dt_is_paired_with_the_baselines_of_each_budget(report, tmp_path):
 def test_a_command_shows_each_flag_once_with_the_value_that_counts(report):
     command = "python train.py --data-root /data/camvid --student-epochs 3 --seed 1 --student-epochs 12 --out x"
     assert report.command_text(command) == "`python train.py --data-root CAMVID --seed 1 --student-epochs 12`"
+
+
+def test_a_folder_paired_with_another_pairs_its_igl_dt_by_seed(report, tmp_path):
+    for name, runs in {"quality_cpu_a": [("igl-dt", "both", (30.0, 32.0)), ("supervised", "equal-compute", (35.0, 34.0)),
+                                         ("no-gcl", "both", (1.0, 1.0))],
+                       "quality_cpu_b": [("igl-dt", "both", (31.0, 34.0))]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "records.jsonl").write_text("".join(
+            json.dumps({"variant": v, "budget": b, "seed": seed, "miou_last": x}) + "\n"
+            for v, b, values in runs for seed, x in enumerate(values)))
+    (tmp_path / "quality_cpu_b" / "paired_with.json").write_text(json.dumps({"paired_with": "quality_cpu_a",
+                                                                               "why": "other epochs"}))
+    text, headlines = report.render(tmp_path)
+    assert "### `quality_cpu_b` against `quality_cpu_a`" in text and "other epochs" in text
+    crossed = [line for line in headlines if line.startswith("quality_cpu_b:")]
+    assert any("against `igl-dt (quality_cpu_a)` 31.00: +1.50 [-4.85, +7.85]" in line for line in crossed)
+    assert any("against `supervised, equal-compute (quality_cpu_a)` 34.50: -2.00" in line for line in crossed)
+    assert not any("no-gcl" in line for line in crossed)  # the baselines, not the ablations

@@ -333,7 +333,7 @@ def cross_folder_sections(found, headlines):
         mine = [r | {"variant": f"igl-dt ({name})"} for r in quality_runs(records) if r["variant"] == "igl-dt"]
         theirs = [r | {"variant": r["variant"] + (f", {r['budget']}" if r.get("budget") not in (None, "both") else "")
                        + f" ({other})"} for r in quality_runs(by_name[other]) if r["variant"] in BASELINES]
-        variants = sorted({r["variant"] for r in theirs}, key=lambda v: _variant_order(v.split(" ")[0].rstrip(",")))
+        variants = sorted({r["variant"] for r in theirs}, key=lambda v: (_variant_order(v.split(" ")[0].rstrip(",")), v))
         lines += [f"### `{name}` against `{other}`", "", note.get("why", ""), ""]
         lines += _means(mine + theirs, [(mine[0]["variant"], v) for v in variants], name, f"`{name}`",
                         headlines) + [""]

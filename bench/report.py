@@ -222,11 +222,9 @@ def groups(runs):
 
 def paired_gain(runs, variant, baseline, key="miou_last"):
     """variant - baseline paired by seed (bench/stats.py's mean and 95 % t-interval), and the seeds both have."""
-    figures = lambda name: {r.get("seed"): r[key] for r in runs
-                            if r["variant"] == name and isinstance(r.get(key), (int, float))}
-    difference = paired(figures(variant), figures(baseline))
-    seeds = sorted(set(figures(variant)) & set(figures(baseline)))
-    return difference, seeds
+    mine, theirs = ({r.get("seed"): r[key] for r in runs if r["variant"] == name and isinstance(r.get(key), (int, float))}
+                    for name in (variant, baseline))
+    return paired(mine, theirs), sorted(set(mine) & set(theirs))
 
 
 def mean_of(runs, variant, key="miou_last"):
@@ -464,7 +462,8 @@ def render(results=RESULTS):
             "from the record's settings, for records that hold none.", "",
             "## Does IGL-DT beat supervised training?", "",
             "`bench/quality.py`: the student's val mIoU after its last epoch (no checkpoint chosen on val), each "
-            "variant with the same student epochs.", ""]
+            "variant under the budget its heading names (the same student epochs, or the compute of an IGL-DT run), "
+            "and IGL-DT minus each baseline, paired by seed, with its 95 % t-interval.", ""]
     page += (beat + cross_folder_sections(found.get("quality", []), headlines)) or none
     page += ["## What does each part add?", "", "The ablations of `bench/quality.py`, against IGL-DT of the same seed "
              "and the same records.", ""] + (parts or none)

@@ -33,6 +33,8 @@ they showed; this script reads everything else."""
 QUESTIONS = ("model_speed", "data_speed", "quality", "speed", "train")  # the longer names first: model_speed is not speed
 BASELINES = ("supervised", "igl-dt", "ema")  # the main comparison; every other quality variant is an ablation
 PRECISIONS = ("fp32", "bf16", "fp16", "off")
+# The settings bench/speed.py --compare times against each other, by the key its record files them under.
+COMPARED = {"eager": "eager", "compiled": "compiled", "nchw": "NCHW", "channels_last": "channels-last"}
 STEP_NAMES = {"supervised": "supervised student step", "teachers": "stage 1: teacher step (G + L, CPS)",
               "igl-dt": "stage 2: student + teachers co-training", "igl-dt-frozen": "stage 2: student, teachers frozen",
               "ema": "one-teacher baseline: student + its EMA teacher"}
@@ -355,23 +357,27 @@ def settings_header(name, settings):
 def speed_section(found, headlines):
     lines = []
     for name, steps in measured(found, "seconds_per_step"):
-        for m in steps:  # the kind and precision: the record's own keys, else the keys that lead to it
-            names = [k for k in m["path"] if k not in PRECISIONS and k != "kinds"]
+        for m in steps:  # the kind, precision and setting: the record's own keys, else the keys that lead to it
+            names = [k for k in m["path"] if k not in PRECISIONS and k not in COMPARED and k != "kinds"]
             m["kind"] = m.get("kind") or (names[-1] if names else "step")
             m["amp"] = precision(m.get("amp") or next((k for k in m["path"] if k in PRECISIONS), None)
                                  or m.get("settings", {}).get("amp"))
-        base = {m["amp"]: m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
+            m["setting"] = next((COMPARED[k] for k in m["path"] if k in COMPARED), None)
+        compared = any(m["setting"] for m in steps)  # a --compare compile or channels-last record: say which is which
+        base = {(m["amp"], m["setting"]): m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
         lines += settings_header(name, steps[0].get("settings", {}))
         rows = []
         for m in sorted(steps, key=lambda m: (list(STEP_NAMES).index(m["kind"]) if m["kind"] in STEP_NAMES else 9,
-                                              m["kind"], str(m["amp"]))):
-            over = m["seconds_per_step"] / base[m["amp"]] if base.get(m["amp"]) else None
+                                              m["kind"], str(m["amp"]), str(m["setting"]))):
+            supervised = base.get((m["amp"], m["setting"]))
+            over = m["seconds_per_step"] / supervised if supervised else None
             command = command_text(m["command"]) if m.get("command") else rebuilt_command(
                 "speed", m.get("settings", {}), [("dataset", "dataset"), ("device", "device"), ("amp", "amp"),
                                                  ("iters", "iters"), ("warmup", "warmup")])
-            rows.append([STEP_NAMES.get(m["kind"], m["kind"]), m["amp"], number(m["seconds_per_step"], 4),
-                         rate(m.get("images_per_s")), mebibytes(m.get("peak_mem_mb")),
-                         number(over) if over else "—", command, commit_text(m), machine_text(m.get("machine"))])
+            rows.append([STEP_NAMES.get(m["kind"], m["kind"]), m["amp"]] + ([m["setting"] or "—"] if compared else [])
+                        + [number(m["seconds_per_step"], 4), rate(m.get("images_per_s")),
+                           mebibytes(m.get("peak_mem_mb")), number(over) if over else "—", command, commit_text(m),
+                           machine_text(m.get("machine"))])
             if m["kind"] in STAGE_2_HEADLINES and over:
                 headlines.append(f"{name}: {STAGE_2_HEADLINES[m['kind']]} {number(m['seconds_per_step'], 4)} s a "
                                  f"step, {number(over)} x the supervised step ({m['amp']}), peak "
@@ -379,9 +385,25 @@ def speed_section(found, headlines):
             if m["kind"] == "teachers":
                 headlines.append(f"{name}: stage 1 (teachers) {number(m['seconds_per_step'], 4)} s a step, peak "
                                  f"{mebibytes(m.get('peak_mem_mb'))} ({m['amp']})")
-        lines += table(["step", "amp", "s / step", "images/s", "peak memory", "vs supervised", "command", "commit",
-                        "machine"], rows) + [""] + footnote_commit(name) + [""]
+        lines += table(["step", "amp"] + (["setting"] if compared else []) + ["s / step", "images/s", "peak memory",
+                                                                              "vs supervised", "command", "commit",
+                                                                              "machine"], rows) + [""]
+        lines += speedup_lines(dict(found)[name]) + footnote_commit(name) + [""]
     return lines
+
+
+def speedup_lines(records):
+    """The ratios a --compare record states (seconds per step of the first setting / of the second), one line each."""
+    lines = []
+    for _, record in records:
+        for key, ratios in sorted(record.items()):
+            if key.startswith("speedup_") and isinstance(ratios, dict):
+                second, first = key[len("speedup_"):].split("_vs_")
+                steps = "; ".join(f"{STEP_NAMES.get(kind, kind)} {number(ratio)}" for kind, ratio in ratios.items())
+                a, b = COMPARED.get(first, first), COMPARED.get(second, second)
+                lines.append(f"Speed-up of {b} over {a} (seconds per step {a} / {b}, both from one invocation): "
+                             f"{steps}.")
+    return lines + ([""] if lines else [])
 
 
 def models_section(found, headlines):

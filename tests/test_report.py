@@ -120,3 +120,23 @@ def test_a_folder_paired_with_another_pairs_its_igl_dt_by_seed(report, tmp_path)
     assert any("against `igl-dt (quality_cpu_a)` 31.00: +1.50 [-4.85, +7.85]" in line for line in crossed)
     assert any("against `supervised, equal-compute (quality_cpu_a)` 34.50: -2.00" in line for line in crossed)
     assert not any("no-gcl" in line for line in crossed)  # the baselines, not the ablations
+
+
+def test_a_compare_record_names_each_setting_and_its_speed_up(report, tmp_path):
+    # bench/speed.py --compare compile files each kind under "eager" and "compiled" at one precision: without a
+    # setting column the two rows of a kind would read alike, and "vs supervised" must divide within a setting.
+    step = lambda seconds: {"seconds_per_step": seconds, "images_per_s": 8 / seconds, "peak_mem_mb": 100.0,
+                            "amp": "bf16", "compile": False}
+    record = {"settings": {"amp": "bf16", "device": "cpu"}, "command": "python bench/speed.py --compare compile",
+              "commit": "abc1234", "machine": {"device": "cpu", "cpus": 2},
+              "kinds": {"eager": {"supervised": step(0.4), "igl-dt": step(1.2)},
+                        "compiled": {"supervised": step(0.2), "igl-dt": step(0.8)}},
+              "speedup_compiled_vs_eager": {"supervised": 2.0, "igl-dt": 1.5}}
+    (tmp_path / "speed_cpu_compile.json").write_text(json.dumps(record))
+    text, _ = report.render(tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| stage 2: student + teachers co-training")]
+    assert [row.split(" | ")[1:5] for row in rows] == [["bf16", "compiled", "0.8000", "10.0"],
+                                                       ["bf16", "eager", "1.2000", "6.67"]]
+    assert [row.split(" | ")[6] for row in rows] == ["4.00", "3.00"]  # 0.8 / 0.2 and 1.2 / 0.4, never across
+    assert ("Speed-up of compiled over eager (seconds per step eager / compiled, both from one invocation): "
+            "supervised student step 2.00; stage 2: student + teachers co-training 1.50.") in text

@@ -143,7 +143,7 @@ def add_hardware_flags(g):
     g.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="mixed precision (default: bf16 on a GPU or CPU that computes it natively, else off)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the networks' training calls (on CUDA also fused optimisers); the eager "
+                   help="torch.compile the networks' training calls; the eager "
                    "path is the reference (default: off: not yet measured faster, see bench/speed.py --compare "
                    "compile)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
@@ -351,7 +351,6 @@ class Trainer:
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
             res = res and torch.nn.SyncBatchNorm.convert_sync_batchnorm(res)
         compiled = cfg.get("compile", False)
-        cuda_fast = compiled and torch.device(device).type == "cuda"  # the compiled path's CUDA-only parts
         # channels_last lets oneDNN and cuDNN pick their fastest (NHWC) convolution kernels; the Swin-UNet is
         # mostly matmuls, so it keeps its layout.
         layout = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
@@ -363,7 +362,10 @@ class Trainer:
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False) \
             if cfg["teachers"] == "ema" else None
         scale = cfg["batch_size"] / DATASET_DEFAULTS[cfg["dataset"]]["batch_size"]  # linear lr scaling
-        lr, mult, fused = cfg["lr"] * scale, cfg["head_lr_mult"], True if cuda_fast else None
+        # Fused optimiser kernels (all of a tensor's update in one kernel, no Python loop over the tensors) where
+        # PyTorch has them: the same update rule, fewer passes over memory.
+        fused = True if torch.device(device).type in ("cpu", "cuda") else None
+        lr, mult = cfg["lr"] * scale, cfg["head_lr_mult"]
         self.opt_student = sgd(self.student, lr, mult, ("backbone.",), fused)
         self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale, fused)
         # The recipe trains the ResUNet like the student (SGD); from scratch on a CPU, AdamW trains it much faster.

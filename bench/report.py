@@ -364,6 +364,7 @@ def speed_section(found, headlines):
                                  or m.get("settings", {}).get("amp"))
             m["setting"] = next((COMPARED[k] for k in m["path"] if k in COMPARED), None)
         compared = any(m["setting"] for m in steps)  # a --compare compile or channels-last record: say which is which
+        split = any("breakdown" in m for m in steps)  # --breakdown: matrix products against the rest
         base = {(m["amp"], m["setting"]): m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
         lines += settings_header(name, steps[0].get("settings", {}))
         rows = []
@@ -376,8 +377,9 @@ def speed_section(found, headlines):
                                                  ("iters", "iters"), ("warmup", "warmup")])
             rows.append([STEP_NAMES.get(m["kind"], m["kind"]), m["amp"]] + ([m["setting"] or "—"] if compared else [])
                         + [number(m["seconds_per_step"], 4), rate(m.get("images_per_s")),
-                           mebibytes(m.get("peak_mem_mb")), number(over) if over else "—", command, commit_text(m),
-                           machine_text(m.get("machine"))])
+                           mebibytes(m.get("peak_mem_mb")), number(over) if over else "—"]
+                        + ([time_split(m.get("breakdown"))] if split else [])
+                        + [command, commit_text(m), machine_text(m.get("machine"))])
             if m["kind"] in STAGE_2_HEADLINES and over:
                 headlines.append(f"{name}: {STAGE_2_HEADLINES[m['kind']]} {number(m['seconds_per_step'], 4)} s a "
                                  f"step, {number(over)} x the supervised step ({m['amp']}), peak "
@@ -386,10 +388,18 @@ def speed_section(found, headlines):
                 headlines.append(f"{name}: stage 1 (teachers) {number(m['seconds_per_step'], 4)} s a step, peak "
                                  f"{mebibytes(m.get('peak_mem_mb'))} ({m['amp']})")
         lines += table(["step", "amp"] + (["setting"] if compared else []) + ["s / step", "images/s", "peak memory",
-                                                                              "vs supervised", "command", "commit",
-                                                                              "machine"], rows) + [""]
+                                                                              "vs supervised"]
+                       + (["matrix products + rest, s"] if split else []) + ["command", "commit", "machine"], rows)
+        lines += [""]
         lines += speedup_lines(dict(found)[name]) + footnote_commit(name) + [""]
     return lines
+
+
+def time_split(breakdown):
+    """bench/speed.py --breakdown's seconds per step in matrix products and in the rest, as 'a + b'."""
+    if not breakdown:
+        return "—"
+    return f"{number(breakdown['matrix_products_s'], 3)} + {number(breakdown['other_s'], 3)}"
 
 
 def speedup_lines(records):

@@ -24,6 +24,10 @@ device's dense peak for the step's precision (PEAK_TFLOPS below, or --peak-tflop
 settings in one invocation, alternating, and reports the speed-up of each kind (ratios), so that a ratio never
 mixes two runs taken at different times.
 
+--breakdown adds, for each kind, where its time goes (torch.profiler): seconds per step in matrix products
+(convolutions, matmuls, attention) and in everything else, and the ten ops that take the most; it tells how much
+of a step a faster precision or kernel can speed up.
+
 Each kind runs in a fresh process, so its peak memory is its own: on CUDA, torch.cuda.max_memory_allocated over
 the timed steps (weights, optimiser state, activations); on the CPU, the growth of the maximum resident set size
 from just before the first step (activations, gradients, optimiser state: the weights are resident before).
@@ -55,6 +59,9 @@ TEACHERS = {"supervised": "none", "ema": "ema"}  # the others hold both teachers
 PEAK_TFLOPS = {"H200": {"bf16": 989, "fp16": 989, "off": 495}, "H100": {"bf16": 989, "fp16": 989, "off": 495},
                "A100": {"bf16": 312, "fp16": 312, "off": 156}, "L40S": {"bf16": 362, "fp16": 362, "off": 183},
                "L4": {"bf16": 121, "fp16": 121, "off": 60}, "A10": {"bf16": 125, "fp16": 125, "off": 62.5}}
+# The aten ops that are matrix products (a convolution or matmul, forward or backward); attention is matched by name.
+GEMM_OPS = {"convolution_backward", "mkldnn_convolution", "cudnn_convolution", "_convolution", "mm", "addmm", "bmm",
+            "baddbmm", "linear", "matmul", "_mkldnn_convolution", "cudnn_convolution_transpose"}
 COMPARE = {"amp": ("--amp", ["off", "bf16"]), "compile": ("--compile", [False, True]),
            "channels-last": ("--channels-last", [False, True])}
 
@@ -87,6 +94,9 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="(default: all)")
+    p.add_argument("--breakdown", action="store_true", help="also profile --iters more steps of each kind and "
+                   "record where the time goes: matrix products (convolutions, matmuls, attention) against the rest, "
+                   "and the ops that take the most")
     p.add_argument("--kind", choices=KINDS, help="measure this one kind in this process (what each child does)")
     return p.parse_args(argv)
 
@@ -170,6 +180,7 @@ def measure(args, kind):
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before  # ru_maxrss is in KiB on Linux
     images = b if kind == "supervised" else 2 * b
+    breakdown = time_breakdown(step, args.iters, cuda) if args.breakdown else {}
     del trainer, step  # the FLOP count's eager trainer comes after the memory reading, so it adds nothing to it
     flops = step_flops(args, kind)
     tflops = flops / seconds / 1e12
@@ -178,7 +189,28 @@ def measure(args, kind):
             "labeled_images_per_s": round(b / seconds, 2), "peak_mem_mb": round(peak, 1),
             "gflops_per_step": round(flops / 1e9, 1), "tflops_per_s": round(tflops, 3),
             "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None, "warmup_s": round(warmup_s, 1),
-            "amp": cfg["amp"], "compile": cfg["compile"]}
+            "amp": cfg["amp"], "compile": cfg["compile"]} | breakdown
+
+
+def time_breakdown(step, iters, cuda):
+    """Where a step's time goes, from torch.profiler over `iters` steps: seconds per step in matrix products
+    (GEMM_OPS: what bf16 speeds up about twice on a CPU with native bf16) and in everything else (normalisation,
+    activations, copies and casts, pooling, resampling, losses, optimiser and EMA updates: bound by memory and
+    launches), and the ten ops of most time. On CUDA the times are the kernels' own (device time)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    own = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6 / iters  # s per step
+    ops = sorted(((e.key, own(e)) for e in prof.key_averages() if e.key.startswith("aten::")), key=lambda o: -o[1])
+    gemm = sum(t for name, t in ops if name.split("::")[1] in GEMM_OPS or "scaled_dot_product" in name)
+    other = sum(t for _, t in ops) - gemm
+    return {"breakdown": {"matrix_products_s": round(gemm, 4), "other_s": round(other, 4),
+                          "matrix_share": round(gemm / (gemm + other), 3) if gemm + other else None,
+                          "top_ops_ms": {name: round(1e3 * t, 1) for name, t in ops[:10]}}}
 
 
 def peak_table(device):

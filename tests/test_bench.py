@@ -117,3 +117,21 @@ def test_the_speed_benchmark_builds_every_network_from_random_weights(dataset):
     cfg = speed.trainer_config(speed.parse_args(["--dataset", dataset, "--device", "cpu"]), "both")
     assert (cfg["pretrained"], cfg["pretrained_swin"], cfg["pretrained_res"]) == ("none", "none", "none")
     assert cfg["dataset"] == dataset and cfg["batch_size"] > 0
+
+
+def test_the_speed_breakdown_splits_a_step_into_matrix_products_and_the_rest():
+    # The split is what says how much of a step bf16 can speed up: a convolutional student spends part of its step
+    # in convolutions, and the two parts add up to the profiled ops' own time.
+    speed = bench_scripts.load("speed")
+    args = speed.parse_args(["--device", "cpu", "--amp", "off", "--crop", "64", "--batch", "2", "--iters", "1",
+                             "--warmup", "0", "--breakdown"])
+    result = speed.measure(args, "supervised")
+    split = result["breakdown"]
+    assert split["matrix_products_s"] > 0 and split["other_s"] > 0
+    assert split["matrix_share"] == round(split["matrix_products_s"] / (split["matrix_products_s"] + split["other_s"]), 3)
+    top = split["top_ops_ms"]
+    assert len(top) == 10 and list(top.values()) == sorted(top.values(), reverse=True)
+    assert {"aten::convolution_backward", "aten::mkldnn_convolution"} & set(top)
+    plain = speed.parse_args(["--device", "cpu", "--amp", "off", "--crop", "64", "--batch", "2", "--iters", "1",
+                              "--warmup", "0"])
+    assert "breakdown" not in speed.measure(plain, "supervised")

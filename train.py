@@ -144,9 +144,8 @@ def add_hardware_flags(g):
     g.add_argument("--amp", choices=["bf16", "fp16", "off"],
                    help="mixed precision (default: bf16 on a GPU or CPU that computes it natively, else off)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the networks' training calls; the eager "
-                   "path is the reference (default: off: not yet measured faster, see bench/speed.py --compare "
-                   "compile)")
+                   help="torch.compile the networks' training calls; the eager path is the reference (default: "
+                   "off: on the CPU it speeds only the frozen-teacher step, see bench/speed.py --compare compile)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="store the convolutional networks (student, ResUNet) channels-last (NHWC), the layout "
                    "oneDNN and cuDNN convolve fastest (default: off: no faster on a CPU, see bench/speed.py "
@@ -363,10 +362,9 @@ class Trainer:
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False) \
             if cfg["teachers"] == "ema" else None
         scale = cfg["batch_size"] / DATASET_DEFAULTS[cfg["dataset"]]["batch_size"]  # linear lr scaling
-        # Fused optimiser kernels (all of a tensor's update in one kernel, no Python loop over the tensors) where
-        # PyTorch has them: the same update rule, fewer passes over memory.
-        fused = True if torch.device(device).type in ("cpu", "cuda") else None
-        lr, mult = cfg["lr"] * scale, cfg["head_lr_mult"]
+        # Fused optimiser kernels (all of a tensor's update in one kernel, no Python loop over the tensors; PyTorch
+        # has them on the CPU and CUDA, the devices train.py runs on): the same update rule, fewer passes over memory.
+        lr, mult, fused = cfg["lr"] * scale, cfg["head_lr_mult"], True
         self.opt_student = sgd(self.student, lr, mult, ("backbone.",), fused)
         self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale, fused)
         # The recipe trains the ResUNet like the student (SGD); from scratch on a CPU, AdamW trains it much faster.

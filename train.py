@@ -256,7 +256,9 @@ def build_networks(cfg):
     return student, swin, res
 
 
-def sgd(model, lr, head_lr_mult, backbone_prefixes, fused=None):
+# The optimisers default to PyTorch's fused kernels (all of a tensor's update in one kernel, on the CPU and CUDA, the
+# devices train.py runs on): the same update rule as the per-tensor loop, fewer passes over memory.
+def sgd(model, lr, head_lr_mult, backbone_prefixes, fused=True):
     """SGD with the pretrained trunk at lr and the rest (the new head) at lr * head_lr_mult."""
     trunk = [p for n, p in model.named_parameters() if n.startswith(backbone_prefixes)]
     head = [p for n, p in model.named_parameters() if not n.startswith(backbone_prefixes)]
@@ -265,7 +267,7 @@ def sgd(model, lr, head_lr_mult, backbone_prefixes, fused=None):
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4, fused=fused)
 
 
-def adamw(model, lr, fused=None):
+def adamw(model, lr, fused=True):
     return torch.optim.AdamW([dict(params=list(model.parameters()), lr=lr, initial_lr=lr)], lr=lr, weight_decay=0.05,
                              fused=fused)
 
@@ -362,14 +364,12 @@ class Trainer:
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False) \
             if cfg["teachers"] == "ema" else None
         scale = cfg["batch_size"] / DATASET_DEFAULTS[cfg["dataset"]]["batch_size"]  # linear lr scaling
-        # Fused optimiser kernels (all of a tensor's update in one kernel, no Python loop over the tensors; PyTorch
-        # has them on the CPU and CUDA, the devices train.py runs on): the same update rule, fewer passes over memory.
-        lr, mult, fused = cfg["lr"] * scale, cfg["head_lr_mult"], True
-        self.opt_student = sgd(self.student, lr, mult, ("backbone.",), fused)
-        self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale, fused)
+        lr, mult = cfg["lr"] * scale, cfg["head_lr_mult"]
+        self.opt_student = sgd(self.student, lr, mult, ("backbone.",))
+        self.opt_swin = swin and adamw(self.swin, cfg["swin_lr"] * scale)
         # The recipe trains the ResUNet like the student (SGD); from scratch on a CPU, AdamW trains it much faster.
-        self.opt_res = res and (sgd(self.res, lr, mult, ("encoder.",), fused) if cfg["res_optimizer"] == "sgd"
-                                else adamw(self.res, cfg["swin_lr"] * scale, fused))
+        self.opt_res = res and (sgd(self.res, lr, mult, ("encoder.",)) if cfg["res_optimizer"] == "sgd"
+                                else adamw(self.res, cfg["swin_lr"] * scale))
         # GradScaler only for fp16: bf16 and fp32 need no loss scaling, so their path has no special case.
         device_type = torch.device(device).type
         self.scaler_student = torch.amp.GradScaler(device_type, enabled=cfg["amp"] == "fp16")

@@ -42,9 +42,23 @@ def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=100_000):
     return pixel_loss[hard].mean()
 
 
+def _class_max(scores):
+    """scores.max(dim=1) over the classes of a (B, K, H, W) map: (values, indices), the first class on a tie.
+
+    The same result as torch.max, built from amax and a comparison: on a CPU, max with indices (and argmax) over
+    a strided class axis is several times slower than amax. Each class is weighted K - k where it holds the
+    maximum, so the largest weight names the first such class. Where a pixel's scores hold a NaN the index is
+    K - 1 (torch.max names the NaN's class): a valid label either way, and the NaN reaches the loss."""
+    values = scores.amax(dim=1, keepdim=True)
+    k = scores.shape[1]
+    weights = torch.arange(k, 0, -1, device=scores.device, dtype=torch.uint8 if k < 256 else torch.int64)
+    first = ((scores == values) * weights.view(1, k, 1, 1)).amax(dim=1)
+    return values.squeeze(1), (k - first.long()).clamp_(max=k - 1)
+
+
 def _hard_labels(probs_or_logits, ignore):
     """argmax over classes, with ignored pixels set to 255 so CE skips them. (B, K, H, W) -> (B, H, W)."""
-    labels = probs_or_logits.detach().argmax(dim=1)
+    _, labels = _class_max(probs_or_logits.detach())
     return labels.masked_fill(ignore, IGNORE_INDEX)
 
 
@@ -119,12 +133,12 @@ def dual_teacher_targets(probs_g, probs_l, ignore, threshold):
         disputed_weight  (B, H, W) fp32, the chosen teacher's confidence (0 elsewhere)
     """
     probs_g, probs_l = probs_g.detach().float(), probs_l.detach().float()
-    conf_g, label_g = probs_g.max(dim=1)
-    conf_l, label_l = probs_l.max(dim=1)
+    conf_g, label_g = _class_max(probs_g)
+    conf_l, label_l = _class_max(probs_l)
     agree = (label_g == label_l) & ~ignore
     disagree = (label_g != label_l) & ~ignore
 
-    conf_mean, label_mean = ((probs_g + probs_l) / 2).max(dim=1)
+    conf_mean, label_mean = _class_max((probs_g + probs_l) / 2)
     agreed_target = label_mean.masked_fill(~(agree & (conf_mean >= threshold)), IGNORE_INDEX)
 
     swin_is_surer = conf_g >= conf_l

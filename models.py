@@ -71,6 +71,19 @@ def shifted_window_mask(size, window, shift, device=None) -> torch.Tensor:
     return (labels[:, :, None] != labels[:, None, :]).float() * -100.0
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, each window's tokens attending to each other: (..., N, d) -> (..., N, d).
+
+    SDPA, except in bf16 or fp16 on a CPU: there, for windows of a few dozen tokens, its CPU kernels are slower
+    than oneDNN's low-precision batched products, and with a learned bias that needs a gradient it falls back to its unfused math path
+    (bench/speed.py --compare amp). The explicit form is the original Swin's under mixed precision: scores and
+    weights in the low precision, the softmax accumulating in fp32 inside its kernel."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
+    return scores.softmax(dim=-1) @ v
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows (W-MSA), or inside shifted windows (SW-MSA) when ``shift > 0``,
     with a learned relative position bias. (B, H, W, C) -> (B, H, W, C), any H and W.
@@ -111,7 +124,7 @@ class WindowAttention(nn.Module):
             mask = mask.to(q.dtype).expand(B, nW, -1, N, N).flatten(0, 1)  # B * nW, heads, N, N
         else:
             mask = mask.to(q.dtype)[None]  # the same for every window
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # B * nW, heads, N, d
+        out = window_attention(q, k, v, mask)  # B * nW, heads, N, d
         out = self.proj(out.transpose(1, 2).flatten(-2)).unflatten(0, (B, nW))  # B, nW, N, C
 
         x = window_reverse(out, window, size)

@@ -22,7 +22,9 @@ torch.utils.flop_counter on the eager path; tflops_per_s = FLOPs / seconds per s
 device's dense peak for the step's precision (PEAK_TFLOPS below, or --peak-tflops; none for a CPU unless given).
 --compare amp (fp32 against bf16) or --compare compile (eager against torch.compile) times every kind under both
 settings in one invocation, alternating, and reports the speed-up of each kind (ratios), so that a ratio never
-mixes two runs taken at different times.
+mixes two runs taken at different times. On a shared or small machine one stretch of time still swings by about
+10 %: --rounds R repeats each kind's pair R times, alternating, and reports each setting's median seconds (every
+round's figure kept in seconds_per_step_rounds); the ratio is that of the medians.
 
 --breakdown adds, for each kind, where its time goes (torch.profiler): seconds per step in matrix products
 (convolutions, matmuls, attention) and in everything else, and the ten ops that take the most; it tells how much
@@ -93,12 +95,17 @@ def parse_args(argv):
                    "(default: from PEAK_TFLOPS by the GPU's name; none for a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--rounds", type=int, default=1, help="with --compare: time each kind's pair of settings this "
+                   "many times, alternating, and report the medians (default: 1)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="(default: all)")
-    p.add_argument("--breakdown", action="store_true", help="also profile --iters more steps of each kind and "
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=False, help="also profile --iters more steps of each kind and "
                    "record where the time goes: matrix products (convolutions, matmuls, attention) against the rest, "
                    "and the ops that take the most")
     p.add_argument("--kind", choices=KINDS, help="measure this one kind in this process (what each child does)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def trainer_config(args, teachers):
@@ -227,6 +234,21 @@ def run_kind(argv, kind, extra=()):
     return json.loads(child.stdout.splitlines()[-1])
 
 
+def median_round(rounds):
+    """One kind's result over rounds: the first round's, with the median seconds per step and the rates it gives,
+    and every round's seconds."""
+    seconds = sorted(r["seconds_per_step"] for r in rounds)
+    median = (seconds[(len(seconds) - 1) // 2] + seconds[len(seconds) // 2]) / 2
+    result = dict(rounds[0], seconds_per_step=round(median, 4))
+    if len(rounds) > 1:
+        scale = rounds[0]["seconds_per_step"] / median
+        for key in ("images_per_s", "labeled_images_per_s", "tflops_per_s", "mfu"):
+            if result.get(key) is not None:
+                result[key] = round(result[key] * scale, {"tflops_per_s": 3, "mfu": 4}.get(key, 2))
+        result["seconds_per_step_rounds"] = [r["seconds_per_step"] for r in rounds]
+    return result
+
+
 def overheads(results):
     base = results["supervised"]["seconds_per_step"]
     return {kind: round(r["seconds_per_step"] / base, 2) for kind, r in results.items() if kind != "supervised"}
@@ -242,7 +264,8 @@ def main(argv=None):
     settings = {key: cfg[key] for key in ("dataset", "crop_size", "batch_size", "num_classes", "backbone",
                                           "output_stride", "swin_dim", "swin_depths", "res_width", "amp", "compile",
                                           "channels_last")}
-    report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup},
+    report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup,
+                                      "rounds": args.rounds if args.compare else 1},
               "command": command()} | machine_and_commit(args.device)
     if args.compare is None:
         results = {}
@@ -258,10 +281,16 @@ def main(argv=None):
                                                      args.compare == "channels-last" else {False: "eager", True: "compiled"})
         results = {labels[value]: {} for value in values}
         for kind in args.kinds:
+            rounds = {value: [] for value in values}
+            for round_ in range(args.rounds):
+                for value in values:
+                    extra = [flag, value] if isinstance(value, str) else [flag if value else "--no-" + flag[2:]]
+                    # the breakdown (a profiled run) once, in the first round
+                    extra += ["--no-breakdown"] if round_ else []
+                    rounds[value].append(run_kind(argv, kind, extra))
+                    print(f"{kind} {labels[value]} round {round_ + 1}: {rounds[value][-1]}", file=sys.stderr)
             for value in values:
-                extra = [flag, value] if isinstance(value, str) else [flag if value else "--no-" + flag[2:]]
-                results[labels[value]][kind] = run_kind(argv, kind, extra)
-                print(f"{kind} {labels[value]}: {results[labels[value]][kind]}", file=sys.stderr)
+                results[labels[value]][kind] = median_round(rounds[value])
         first, second = (labels[value] for value in values)
         report["settings"].pop({"amp": "amp", "compile": "compile"}.get(args.compare), None)
         report["kinds"] = results

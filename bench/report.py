@@ -411,8 +411,8 @@ def speedup_lines(records):
                 second, first = key[len("speedup_"):].split("_vs_")
                 steps = "; ".join(f"{STEP_NAMES.get(kind, kind)} {number(ratio)}" for kind, ratio in ratios.items())
                 a, b = COMPARED.get(first, first), COMPARED.get(second, second)
-                lines.append(f"Speed-up of {b} over {a} (seconds per step {a} / {b}, both from one invocation): "
-                             f"{steps}.")
+                source = record.get("speedup_from", "both from one invocation")
+                lines.append(f"Speed-up of {b} over {a} (seconds per step {a} / {b}, {source}): {steps}.")
     return lines + ([""] if lines else [])
 
 

@@ -22,9 +22,9 @@ torch.utils.flop_counter on the eager path; tflops_per_s = FLOPs / seconds per s
 device's dense peak for the step's precision (PEAK_TFLOPS below, or --peak-tflops; none for a CPU unless given).
 --compare amp (fp32 against bf16) or --compare compile (eager against torch.compile) times every kind under both
 settings in one invocation, alternating, and reports the speed-up of each kind (ratios), so that a ratio never
-mixes two runs taken at different times. On a shared or small machine one stretch of time still swings by about
-10 %: --rounds R repeats each kind's pair R times, alternating, and reports each setting's median seconds (every
-round's figure kept in seconds_per_step_rounds); the ratio is that of the medians.
+mixes two runs taken at different times. On a shared or small machine, minutes apart still swing by 10 % or more:
+--interleave N also builds both settings of each kind in one process and alternates their steps (A B, B A, ...),
+N of each, so that a slow spell falls on both alike; the speed-ups then come from those steps' medians.
 
 --breakdown adds, for each kind, where its time goes (torch.profiler): seconds per step in matrix products
 (convolutions, matmuls, attention) and in everything else, and the ten ops that take the most; it tells how much
@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -95,16 +96,18 @@ def parse_args(argv):
                    "(default: from PEAK_TFLOPS by the GPU's name; none for a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
-    p.add_argument("--rounds", type=int, default=1, help="with --compare: time each kind's pair of settings this "
-                   "many times, alternating, and report the medians (default: 1)")
+    p.add_argument("--interleave", type=int, default=0, help="with --compare: also time N steps of each setting "
+                   "in one process, alternating, and take the speed-ups from their medians (default: 0, off)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="(default: all)")
-    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=False, help="also profile --iters more steps of each kind and "
+    p.add_argument("--breakdown", action="store_true", help="also profile --iters more steps of each kind and "
                    "record where the time goes: matrix products (convolutions, matmuls, attention) against the rest, "
                    "and the ops that take the most")
     p.add_argument("--kind", choices=KINDS, help="measure this one kind in this process (what each child does)")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.interleave and not args.compare:
+        p.error("--interleave needs --compare: it alternates the two settings that --compare names")
+    if args.interleave < 0:
+        p.error(f"--interleave must be 0 or more steps, got {args.interleave}")
     return args
 
 
@@ -199,6 +202,37 @@ def measure(args, kind):
             "amp": cfg["amp"], "compile": cfg["compile"]} | breakdown
 
 
+def setting_flags(flag, value):
+    """The command-line flags that select one --compare setting."""
+    return [flag, value] if isinstance(value, str) else [flag if value else "--no-" + flag[2:]]
+
+
+def interleaved(argv, kind, flag, values, steps):
+    """Both settings of one kind built in this process and timed in alternation (A B, B A, ...), `steps` steps
+    each after each setting's warm-up: a slow spell of the machine falls on both alike. Returns each setting's
+    seconds per step, every step kept."""
+    runs = []
+    for value in values:
+        args = parse_args([*argv, *setting_flags(flag, value)])
+        cfg = trainer_config(args, TEACHERS.get(kind, "both"))
+        step = step_function(train.Trainer(cfg, rank=0, world=1, device=args.device), cfg, kind, args.device)
+        for _ in range(args.warmup):
+            step()
+        runs.append(step)
+    cuda = args.device == "cuda"
+    seconds = [[] for _ in values]
+    for i in range(steps):
+        for j in (range(len(values)) if i % 2 == 0 else reversed(range(len(values)))):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            runs[j]()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds[j].append(time.perf_counter() - start)
+    return seconds
+
+
 def time_breakdown(step, iters, cuda):
     """Where a step's time goes, from torch.profiler over `iters` steps: seconds per step in matrix products
     (GEMM_OPS: what bf16 speeds up about twice on a CPU with native bf16) and in everything else (normalisation,
@@ -234,21 +268,6 @@ def run_kind(argv, kind, extra=()):
     return json.loads(child.stdout.splitlines()[-1])
 
 
-def median_round(rounds):
-    """One kind's result over rounds: the first round's, with the median seconds per step and the rates it gives,
-    and every round's seconds."""
-    seconds = sorted(r["seconds_per_step"] for r in rounds)
-    median = (seconds[(len(seconds) - 1) // 2] + seconds[len(seconds) // 2]) / 2
-    result = dict(rounds[0], seconds_per_step=round(median, 4))
-    if len(rounds) > 1:
-        scale = rounds[0]["seconds_per_step"] / median
-        for key in ("images_per_s", "labeled_images_per_s", "tflops_per_s", "mfu"):
-            if result.get(key) is not None:
-                result[key] = round(result[key] * scale, {"tflops_per_s": 3, "mfu": 4}.get(key, 2))
-        result["seconds_per_step_rounds"] = [r["seconds_per_step"] for r in rounds]
-    return result
-
-
 def overheads(results):
     base = results["supervised"]["seconds_per_step"]
     return {kind: round(r["seconds_per_step"] / base, 2) for kind, r in results.items() if kind != "supervised"}
@@ -264,8 +283,7 @@ def main(argv=None):
     settings = {key: cfg[key] for key in ("dataset", "crop_size", "batch_size", "num_classes", "backbone",
                                           "output_stride", "swin_dim", "swin_depths", "res_width", "amp", "compile",
                                           "channels_last")}
-    report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup,
-                                      "rounds": args.rounds if args.compare else 1},
+    report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup},
               "command": command()} | machine_and_commit(args.device)
     if args.compare is None:
         results = {}
@@ -281,22 +299,26 @@ def main(argv=None):
                                                      args.compare == "channels-last" else {False: "eager", True: "compiled"})
         results = {labels[value]: {} for value in values}
         for kind in args.kinds:
-            rounds = {value: [] for value in values}
-            for round_ in range(args.rounds):
-                for value in values:
-                    extra = [flag, value] if isinstance(value, str) else [flag if value else "--no-" + flag[2:]]
-                    # the breakdown (a profiled run) once, in the first round
-                    extra += ["--no-breakdown"] if round_ else []
-                    rounds[value].append(run_kind(argv, kind, extra))
-                    print(f"{kind} {labels[value]} round {round_ + 1}: {rounds[value][-1]}", file=sys.stderr)
             for value in values:
-                results[labels[value]][kind] = median_round(rounds[value])
+                results[labels[value]][kind] = run_kind(argv, kind, setting_flags(flag, value))
+                print(f"{kind} {labels[value]}: {results[labels[value]][kind]}", file=sys.stderr)
         first, second = (labels[value] for value in values)
         report["settings"].pop({"amp": "amp", "compile": "compile"}.get(args.compare), None)
         report["kinds"] = results
         report[f"speedup_{second}_vs_{first}"] = {
             kind: round(results[first][kind]["seconds_per_step"] / results[second][kind]["seconds_per_step"], 2)
             for kind in args.kinds}
+        if args.interleave:  # the speed-ups from one process's alternating steps, each setting's median
+            argv_one = [a for a in argv if a != "--breakdown"]
+            medians = {}
+            for kind in args.kinds:
+                seconds = interleaved(argv_one, kind, flag, values, args.interleave)
+                medians[kind] = {labels[value]: round(statistics.median(s), 4) for value, s in zip(values, seconds)}
+                print(f"{kind} interleaved: {medians[kind]}", file=sys.stderr)
+            report["interleaved_median_s"] = medians
+            report[f"speedup_{second}_vs_{first}"] = {kind: round(m[first] / m[second], 2)
+                                                      for kind, m in medians.items()}
+            report["speedup_from"] = f"interleaved steps, {args.interleave} of each setting, medians"
         if "supervised" in args.kinds:
             report["overhead_vs_supervised"] = {label: overheads(r) for label, r in results.items()}
     print(json.dumps(report, indent=1))

@@ -119,19 +119,23 @@ def test_the_speed_benchmark_builds_every_network_from_random_weights(dataset):
     assert cfg["dataset"] == dataset and cfg["batch_size"] > 0
 
 
-def test_speed_rounds_report_the_median_seconds_and_keep_every_round():
-    # --rounds: a kind's figure is its median over rounds (the rates follow it), the first round's other fields
+def test_interleaved_timing_alternates_both_settings_in_one_process():
+    # --interleave: each setting's steps are timed in this process, as many of each, and a bad flag is one line
     speed = bench_scripts.load("speed")
-    rounds = [{"seconds_per_step": s, "images_per_s": 8 / s, "labeled_images_per_s": 4 / s, "tflops_per_s": 0.1 / s,
-               "mfu": None, "peak_mem_mb": mem} for s, mem in [(0.5, 100.0), (0.3, 90.0), (0.4, 95.0)]]
-    result = speed.median_round(rounds)
-    assert result["seconds_per_step"] == 0.4 and result["seconds_per_step_rounds"] == [0.5, 0.3, 0.4]
-    assert result["images_per_s"] == 20.0 and result["labeled_images_per_s"] == 10.0
-    assert result["tflops_per_s"] == 0.25 and result["mfu"] is None and result["peak_mem_mb"] == 100.0
-    assert speed.median_round(rounds[:2])["seconds_per_step"] == 0.4  # an even count: the mean of the middle two
-    assert speed.median_round(rounds[:1]) == rounds[0]  # one round: as without --rounds
-    with pytest.raises(SystemExit):
-        speed.parse_args(["--rounds", "0"])
+    argv = ["--device", "cpu", "--crop", "64", "--batch", "2", "--warmup", "0", "--compare", "amp", "--interleave", "3"]
+    calls = []
+    step_function = speed.step_function
+    speed.step_function = lambda trainer, cfg, kind, device: (
+        lambda: calls.append(cfg["amp"]) or step_function(trainer, cfg, kind, device)())
+    try:
+        seconds = speed.interleaved(argv, "supervised", "--amp", ["off", "bf16"], 3)
+    finally:
+        speed.step_function = step_function
+    assert calls == ["off", "bf16", "bf16", "off", "off", "bf16"]  # A B, B A, A B
+    assert [len(s) for s in seconds] == [3, 3] and all(t > 0 for s in seconds for t in s)
+    for bad in (["--interleave", "2"], ["--compare", "amp", "--interleave", "-1"]):
+        with pytest.raises(SystemExit):
+            speed.parse_args(bad)
 
 
 def test_the_speed_breakdown_splits_a_step_into_matrix_products_and_the_rest():

@@ -413,6 +413,12 @@ def speedup_lines(records):
                 a, b = COMPARED.get(first, first), COMPARED.get(second, second)
                 source = record.get("speedup_from", "both from one invocation")
                 lines.append(f"Speed-up of {b} over {a} (seconds per step {a} / {b}, {source}): {steps}.")
+                kinds = record.get("kinds", {})
+                if "speedup_from" in record and first in kinds and second in kinds:  # and the table's own ratios
+                    seconds = lambda label, kind: kinds[label][kind]["seconds_per_step"]
+                    alone = "; ".join(f"{STEP_NAMES.get(kind, kind)} {number(seconds(first, kind) / seconds(second, kind))}"
+                                      for kind in ratios if kind in kinds[first] and kind in kinds[second])
+                    lines.append(f"From the table (each setting alone in its own process): {alone}.")
     return lines + ([""] if lines else [])
 
 

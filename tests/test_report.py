@@ -140,3 +140,19 @@ def test_a_compare_record_names_each_setting_and_its_speed_up(report, tmp_path):
     assert [row.split(" | ")[6] for row in rows] == ["4.00", "3.00"]  # 0.8 / 0.2 and 1.2 / 0.4, never across
     assert ("Speed-up of compiled over eager (seconds per step eager / compiled, both from one invocation): "
             "supervised student step 2.00; stage 2: student + teachers co-training 1.50.") in text
+
+
+def test_an_interleaved_compare_record_gives_both_its_speed_ups(report, tmp_path):
+    # --interleave: the speed-ups come from the alternating steps' medians; the table's own ratios are given too,
+    # so that a reader who divides the table's figures is not left wondering why they differ.
+    step = lambda seconds: {"seconds_per_step": seconds, "images_per_s": 8 / seconds, "peak_mem_mb": 100.0}
+    record = {"settings": {"device": "cpu"}, "command": "python bench/speed.py --compare amp --interleave 4",
+              "commit": "abc1234", "machine": {"device": "cpu", "cpus": 2},
+              "kinds": {"fp32": {"supervised": step(0.4)}, "bf16": {"supervised": step(0.25)}},
+              "interleaved_median_s": {"supervised": {"fp32": 0.45, "bf16": 0.3}},
+              "speedup_bf16_vs_fp32": {"supervised": 1.5}, "speedup_from": "interleaved steps, 4 of each setting, medians"}
+    (tmp_path / "speed_cpu_amp.json").write_text(json.dumps(record))
+    text, _ = report.render(tmp_path)
+    assert ("Speed-up of bf16 over fp32 (seconds per step fp32 / bf16, interleaved steps, 4 of each setting, "
+            "medians): supervised student step 1.50.") in text
+    assert "From the table (each setting alone in its own process): supervised student step 1.60." in text

@@ -479,7 +479,32 @@ def train_section(found, headlines):
         if rows:
             lines += [f"### `{name}`", ""] + table(["command", "amp", "seed", "student mIoU", "best", "wall s",
                                                     "machine alone", "commit", "machine"], rows) + [""]
+            lines += precision_pairs([r for _, r in records])
     return lines
+
+
+def precision_pairs(runs):
+    """For whole runs in bf16 and in fp32 of the same seeds, one line: the mIoU difference paired by seed with its
+    interval, and the mean wall times of the runs that had the machine alone. Nothing for other shapes."""
+    by = {}
+    for r in runs:
+        by.setdefault(precision(r.get("amp")), {})[r.get("seed", 0)] = r
+    if set(by) != {"bf16", "fp32"}:
+        return []
+    seeds = sorted(set(by["bf16"]) & set(by["fp32"]))
+    if not seeds:
+        return []
+    figure = lambda amp, key: {seed: by[amp][seed][key] for seed in seeds}
+    difference = paired(figure("bf16", "miou_last"), figure("fp32", "miou_last"))
+    line = (f"- bf16 minus fp32, paired by seed ({', '.join(map(str, seeds))}): student mIoU "
+            f"{interval_text(difference)}")
+    alone = [seed for seed in seeds if all(by[amp][seed].get("machine_alone") and by[amp][seed].get("wall_s")
+                                           for amp in ("bf16", "fp32"))]
+    if alone:
+        wall = {amp: statistics.mean(by[amp][seed]["wall_s"] for seed in alone) for amp in ("bf16", "fp32")}
+        line += (f"; wall time {number(wall['bf16'], 1)} against {number(wall['fp32'], 1)} s "
+                 f"({number(wall['fp32'] / wall['bf16'])} x faster in bf16, mean over the runs with the machine alone)")
+    return [line + ".", ""]
 
 
 # ---- the page ----------------------------------------------------------------------------------------------------

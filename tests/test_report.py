@@ -156,3 +156,22 @@ def test_an_interleaved_compare_record_gives_both_its_speed_ups(report, tmp_path
     assert ("Speed-up of bf16 over fp32 (seconds per step fp32 / bf16, interleaved steps, 4 of each setting, "
             "medians): supervised student step 1.50.") in text
     assert "From the table (each setting alone in its own process): supervised student step 1.60." in text
+
+
+def test_whole_runs_in_both_precisions_give_their_paired_difference(report, tmp_path):
+    # seed 2 has no fp32 run: it stays out of the pairing; seed 1's fp32 run shared the machine, so its wall time
+    # stays out of the means (bf16 240 and 260 would be 250, fp32 300 and 3000 would be 1650).
+    folder = tmp_path / "train_cpu_synthetic_amp"
+    folder.mkdir()
+    run = lambda amp, seed, miou, wall, alone=True: {"command": f"python train.py --amp {amp} --seed {seed}",
+                                                     "amp": amp, "seed": seed, "miou_last": miou, "wall_s": wall,
+                                                     "machine_alone": alone, "commit": "abc1234"}
+    runs = [run("bf16", 0, 60.0, 240.0), run("off", 0, 55.0, 300.0), run("bf16", 1, 58.0, 260.0),
+            run("off", 1, 56.0, 3000.0, alone=False), run("bf16", 2, 10.0, 100.0)]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    text, _ = report.render(tmp_path)
+    # differences 5 and 2: mean 3.5, sd 2.1213, half-width 12.706 * 2.1213 / sqrt(2) = 19.06
+    assert ("- bf16 minus fp32, paired by seed (0, 1): student mIoU +3.50 [-15.56, +22.56]; wall time 240.0 "
+            "against 300.0 s (1.25 x faster in bf16, mean over the runs with the machine alone).") in text
+    (folder / "records.jsonl").write_text(json.dumps(runs[0]) + "\n")  # one precision: nothing to pair
+    assert "bf16 minus fp32" not in report.render(tmp_path)[0]

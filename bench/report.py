@@ -322,7 +322,9 @@ def _means(runs, pairs, name, label, headlines):
 
 def cross_folder_sections(found, headlines):
     """A results folder whose `paired_with.json` names another ({"paired_with": NAME, "why": ...}) ran IGL-DT under
-    other settings with the same split, seeds and dev set: its IGL-DT is paired by seed with every variant there."""
+    other settings with the same split, seeds and dev set: its IGL-DT is paired by seed with every variant there.
+    With "pair": "same-variant" (one setting changed for every variant alike, the precision say), each of its
+    variants is paired with the same variant there instead."""
     by_name = dict(found)
     lines = []
     for name, records in found:
@@ -330,13 +332,20 @@ def cross_folder_sections(found, headlines):
         if note is None or note["paired_with"] not in by_name:
             continue
         other = note["paired_with"]
-        mine = [r | {"variant": f"igl-dt ({name})"} for r in quality_runs(records) if r["variant"] == "igl-dt"]
-        theirs = [r | {"variant": r["variant"] + (f", {r['budget']}" if r.get("budget") not in (None, "both") else "")
-                       + f" ({other})"} for r in quality_runs(by_name[other]) if r["variant"] in BASELINES]
-        variants = sorted({r["variant"] for r in theirs}, key=lambda v: (_variant_order(v.split(" ")[0].rstrip(",")), v))
+        label = lambda r, folder: (r["variant"] + (f", {r['budget']}" if r.get("budget") not in (None, "both") else "")
+                                   + f" ({folder})")
+        order = lambda v: (_variant_order(v.split(" ")[0].rstrip(",")), v)
+        if note.get("pair") == "same-variant":
+            mine = [r | {"variant": label(r, name)} for r in quality_runs(records)]
+            theirs = [r | {"variant": label(r, other)} for r in quality_runs(by_name[other])]
+            pairs = [(v, v.replace(f"({name})", f"({other})")) for v in sorted({r["variant"] for r in mine}, key=order)]
+        else:
+            mine = [r | {"variant": f"igl-dt ({name})"} for r in quality_runs(records) if r["variant"] == "igl-dt"]
+            theirs = [r | {"variant": label(r, other)} for r in quality_runs(by_name[other])
+                      if r["variant"] in BASELINES]
+            pairs = [(mine[0]["variant"], v) for v in sorted({r["variant"] for r in theirs}, key=order)]
         lines += [f"### `{name}` against `{other}`", "", note.get("why", ""), ""]
-        lines += _means(mine + theirs, [(mine[0]["variant"], v) for v in variants], name, f"`{name}`",
-                        headlines) + [""]
+        lines += _means(mine + theirs, pairs, name, f"`{name}`", headlines) + [""]
     return lines
 
 

@@ -122,6 +122,26 @@ def test_a_folder_paired_with_another_pairs_its_igl_dt_by_seed(report, tmp_path)
     assert not any("no-gcl" in line for line in crossed)  # the baselines, not the ablations
 
 
+def test_a_folder_paired_variant_by_variant_pairs_each_with_its_own_kind(report, tmp_path):
+    # "pair": "same-variant" (one setting changed for every variant, the precision): supervised with supervised,
+    # igl-dt with igl-dt, never igl-dt with the other folder's supervised.
+    for name, runs in {"quality_cpu_fp32": [("igl-dt", (30.0, 32.0)), ("supervised", (28.0, 29.0))],
+                       "quality_cpu_bf16": [("igl-dt", (31.0, 34.0)), ("supervised", (27.0, 27.0))]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "records.jsonl").write_text("".join(
+            json.dumps({"variant": v, "budget": "both", "seed": seed, "miou_last": x}) + "\n"
+            for v, values in runs for seed, x in enumerate(values)))
+    (tmp_path / "quality_cpu_bf16" / "paired_with.json").write_text(json.dumps(
+        {"paired_with": "quality_cpu_fp32", "why": "precision", "pair": "same-variant"}))
+    _, headlines = report.render(tmp_path)
+    crossed = [line for line in headlines if line.startswith("quality_cpu_bf16:")]
+    assert len(crossed) == 2
+    assert any("`igl-dt (quality_cpu_bf16)` 32.50 against `igl-dt (quality_cpu_fp32)` 31.00: +1.50" in line
+               for line in crossed)
+    assert any("`supervised (quality_cpu_bf16)` 27.00 against `supervised (quality_cpu_fp32)` 28.50: -1.50" in line
+               for line in crossed)
+
+
 def test_a_compare_record_names_each_setting_and_its_speed_up(report, tmp_path):
     # bench/speed.py --compare compile files each kind under "eager" and "compiled" at one precision: without a
     # setting column the two rows of a kind would read alike, and "vs supervised" must divide within a setting.

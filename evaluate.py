@@ -198,7 +198,10 @@ def load_student(path, device="cpu"):
     except (RuntimeError, KeyError) as error:  # missing or misshapen weights
         raise data.DataError(f"--checkpoint {path}: its student does not match its config "
                              f"({one_line(error)[:200]}); expected the file as train.py wrote it")
-    return student.to(device).eval(), config
+    # In the memory layout the run used: another layout's kernels round differently, and the mIoU printed here
+    # is to be the one the run logged.
+    layout = torch.channels_last if config.get("channels_last") else torch.contiguous_format
+    return student.to(device, memory_format=layout).eval(), config
 
 
 # ----------------------------------------------------------------------------------------------- CLI

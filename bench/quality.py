@@ -195,10 +195,7 @@ def read_run(run_dir, device, dev_root, dev_splits):
     the same student's dev-set mIoU, and the per-epoch pseudo-label shares."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     student = [r for r in log if "miou_student" in r]
-    checkpoint = torch.load(run_dir / "latest.pt", map_location="cpu", weights_only=True)
-    cfg = checkpoint["config"]
-    model = evaluate.build_student(cfg)
-    model.load_state_dict(checkpoint["trainer"]["student"])
+    model, cfg = evaluate.load_student(run_dir / "latest.pt")  # in the run's memory layout, as it evaluated
     result, info = student_miou(model, cfg, cfg["data_root"], cfg["splits_dir"], device)
     if abs(result["miou"] - student[-1]["miou_student"]) > 0.01:
         print(f"warning: {run_dir}: latest.pt gives mIoU {result['miou']:.2f}, its log "

@@ -89,10 +89,6 @@ def parse_args(argv=None):
         args.device = "cpu"
     if args.amp is None:
         args.amp = "bf16" if native_bf16(args.device) else "off"
-    if args.channels_last is None:
-        # On the CPU NHWC steps are faster in both precisions (oneDNN's NHWC convolutions, and pooling and
-        # bilinear resampling without a layout change); on CUDA it stays off until measured.
-        args.channels_last = args.device == "cpu"
     args.out = args.out or f"runs/{args.dataset}_{args.split.replace('/', '_')}_{args.teachers}"
     return args
 
@@ -150,10 +146,10 @@ def add_hardware_flags(g):
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the networks' training calls; the eager path is the reference (default: "
                    "off: on the CPU it speeds only the frozen-teacher step, see bench/speed.py --compare compile)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="store the convolutional networks (student, ResUNet) channels-last (NHWC), the layout "
-                   "oneDNN and cuDNN convolve fastest (default: on on the CPU, where it measures faster; off on "
-                   "CUDA, not yet measured there; see bench/speed.py --compare channels-last)")
+                   "oneDNN and cuDNN convolve fastest (default: off: on the CPU its steps are 2 to 6 %% faster, "
+                   "but the quick start's mIoU came out lower; on CUDA unmeasured; see bench/results/README.md)")
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode; reduce-overhead captures CUDA graphs (default: default)")
 

@@ -376,6 +376,9 @@ def speed_section(found, headlines):
         split = any("breakdown" in m for m in steps)  # --breakdown: matrix products against the rest
         base = {(m["amp"], m["setting"]): m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
         lines += settings_header(name, steps[0].get("settings", {}))
+        notes = sorted({m["note"] for m in steps if isinstance(m.get("note"), str)})  # the record's own words
+        lines += [f"Note: {note}." if not note.endswith(".") else f"Note: {note}" for note in notes] + \
+            ([""] if notes else [])
         rows = []
         for m in sorted(steps, key=lambda m: (list(STEP_NAMES).index(m["kind"]) if m["kind"] in STEP_NAMES else 9,
                                               m["kind"], str(m["amp"]), str(m["setting"]))):
@@ -494,25 +497,33 @@ def train_section(found, headlines):
 
 def precision_pairs(runs):
     """For whole runs in bf16 and in fp32 of the same seeds, one line: the mIoU difference paired by seed with its
-    interval, and the mean wall times of the runs that had the machine alone. Nothing for other shapes."""
+    interval, and the mean wall times of the runs that had the machine alone; the same for runs channels-last and
+    NCHW (records with a "channels_last" key). Nothing for other shapes."""
+    layout = lambda r: None if "channels_last" not in r else "channels-last" if r["channels_last"] else "NCHW"
+    return (paired_runs(runs, lambda r: precision(r.get("amp")), "bf16", "fp32", "in bf16")
+            + paired_runs(runs, layout, "channels-last", "NCHW", "channels-last"))
+
+
+def paired_runs(runs, setting_of, first, second, faster_words):
     by = {}
     for r in runs:
-        by.setdefault(precision(r.get("amp")), {})[r.get("seed", 0)] = r
-    if set(by) != {"bf16", "fp32"}:
+        by.setdefault(setting_of(r), {})[r.get("seed", 0)] = r
+    if set(by) != {first, second}:
         return []
-    seeds = sorted(set(by["bf16"]) & set(by["fp32"]))
+    seeds = sorted(set(by[first]) & set(by[second]))
     if not seeds:
         return []
-    figure = lambda amp, key: {seed: by[amp][seed][key] for seed in seeds}
-    difference = paired(figure("bf16", "miou_last"), figure("fp32", "miou_last"))
-    line = (f"- bf16 minus fp32, paired by seed ({', '.join(map(str, seeds))}): student mIoU "
+    figure = lambda setting, key: {seed: by[setting][seed][key] for seed in seeds}
+    difference = paired(figure(first, "miou_last"), figure(second, "miou_last"))
+    line = (f"- {first} minus {second}, paired by seed ({', '.join(map(str, seeds))}): student mIoU "
             f"{interval_text(difference)}")
-    alone = [seed for seed in seeds if all(by[amp][seed].get("machine_alone") and by[amp][seed].get("wall_s")
-                                           for amp in ("bf16", "fp32"))]
+    alone = [seed for seed in seeds if all(by[setting][seed].get("machine_alone") and by[setting][seed].get("wall_s")
+                                           for setting in (first, second))]
     if alone:
-        wall = {amp: statistics.mean(by[amp][seed]["wall_s"] for seed in alone) for amp in ("bf16", "fp32")}
-        line += (f"; wall time {number(wall['bf16'], 1)} against {number(wall['fp32'], 1)} s "
-                 f"({number(wall['fp32'] / wall['bf16'])} x faster in bf16, mean over the runs with the machine alone)")
+        wall = {setting: statistics.mean(by[setting][seed]["wall_s"] for seed in alone) for setting in (first, second)}
+        line += (f"; wall time {number(wall[first], 1)} against {number(wall[second], 1)} s "
+                 f"({number(wall[second] / wall[first])} x faster {faster_words}, mean over the runs with the machine "
+                 f"alone)")
     return [line + ".", ""]
 
 

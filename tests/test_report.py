@@ -195,3 +195,33 @@ def test_whole_runs_in_both_precisions_give_their_paired_difference(report, tmp_
             "against 300.0 s (1.25 x faster in bf16, mean over the runs with the machine alone).") in text
     (folder / "records.jsonl").write_text(json.dumps(runs[0]) + "\n")  # one precision: nothing to pair
     assert "bf16 minus fp32" not in report.render(tmp_path)[0]
+
+
+def test_whole_runs_in_both_layouts_give_their_paired_difference(report, tmp_path):
+    # Runs that differ in their memory layout alone (all bf16): paired by seed, channels-last minus NCHW; the
+    # precision line has nothing to pair.
+    folder = tmp_path / "train_cpu_synthetic_layout"
+    folder.mkdir()
+    run = lambda layout, seed, miou, wall: {"command": f"python train.py --{'' if layout else 'no-'}channels-last "
+                                            f"--seed {seed}", "amp": "bf16", "channels_last": layout, "seed": seed,
+                                            "miou_last": miou, "wall_s": wall, "machine_alone": True,
+                                            "commit": "abc1234"}
+    runs = [run(True, 0, 54.0, 200.0), run(False, 0, 59.0, 220.0), run(True, 1, 56.0, 240.0),
+            run(False, 1, 60.0, 240.0)]
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    text, _ = report.render(tmp_path)
+    # differences -5 and -4: mean -4.5, sd 0.7071, half-width 12.706 * 0.7071 / sqrt(2) = 6.35
+    assert ("- channels-last minus NCHW, paired by seed (0, 1): student mIoU -4.50 [-10.85, +1.85]; wall time "
+            "220.0 against 230.0 s (1.05 x faster channels-last, mean over the runs with the machine alone).") in text
+    assert "bf16 minus fp32" not in text
+
+
+def test_a_speed_records_note_is_printed_under_its_settings(report, tmp_path):
+    step = {"seconds_per_step": 0.5, "images_per_s": 16.0, "peak_mem_mb": 100.0, "amp": "bf16"}
+    record = {"settings": {"amp": "bf16", "device": "cpu"}, "command": "python bench/speed.py", "commit": "abc1234",
+              "machine": {"device": "cpu", "cpus": 2}, "kinds": {"supervised": step},
+              "note": "taken where channels-last was the default"}
+    (tmp_path / "speed_cpu_note.json").write_text(json.dumps(record))
+    lines = report.render(tmp_path)[0].splitlines()
+    settings = next(i for i, line in enumerate(lines) if line.startswith("Settings: "))
+    assert lines[settings + 2] == "Note: taken where channels-last was the default."

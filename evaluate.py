@@ -200,8 +200,12 @@ def load_student(path, device="cpu"):
                              f"({one_line(error)[:200]}); expected the file as train.py wrote it")
     # In the memory layout the run used: another layout's kernels round differently, and the mIoU printed here
     # is to be the one the run logged.
-    layout = torch.channels_last if config.get("channels_last") else torch.contiguous_format
-    return student.to(device, memory_format=layout).eval(), config
+    return student.to(device, memory_format=memory_format(config)).eval(), config
+
+
+def memory_format(config):
+    """The layout a run keeps its convolutional networks in: channels-last with --channels-last, else NCHW."""
+    return torch.channels_last if config.get("channels_last") else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from evaluate import (build_student, evaluate, one_line, prediction_rows, read_checkpoint, require_device,
-                      require_writable_dir, save_panel)
+from evaluate import (build_student, evaluate, memory_format, one_line, prediction_rows, read_checkpoint,
+                      require_device, require_writable_dir, save_panel)
 from losses import (IGNORE_INDEX, cps_loss, discrepancy_loss, dual_teacher_targets, global_context_loss,
                     local_regional_loss, pseudo_label_loss, sup_loss)
 from models import ResUNet, SwinUNet, torchvision_state_dict
@@ -355,8 +355,7 @@ class Trainer:
         compiled = cfg.get("compile", False)
         # channels_last lets oneDNN and cuDNN pick their fastest (NHWC) convolution kernels; the Swin-UNet is
         # mostly matmuls, so it keeps its layout.
-        layout = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
-        self.student, self.res = (m and m.to(device, memory_format=layout) for m in (student, res))
+        self.student, self.res = (m and m.to(device, memory_format=memory_format(cfg)) for m in (student, res))
         self.swin = swin and swin.to(device)
         self.swin_ema, self.res_ema = (m and copy.deepcopy(m).eval().requires_grad_(False)
                                        for m in (self.swin, self.res))

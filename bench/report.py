@@ -377,8 +377,7 @@ def speed_section(found, headlines):
         base = {(m["amp"], m["setting"]): m["seconds_per_step"] for m in steps if m["kind"] == "supervised"}
         lines += settings_header(name, steps[0].get("settings", {}))
         notes = sorted({m["note"] for m in steps if isinstance(m.get("note"), str)})  # the record's own words
-        lines += [f"Note: {note}." if not note.endswith(".") else f"Note: {note}" for note in notes] + \
-            ([""] if notes else [])
+        lines += [f"Note: {note.rstrip('.')}." for note in notes] + ([""] if notes else [])
         rows = []
         for m in sorted(steps, key=lambda m: (list(STEP_NAMES).index(m["kind"]) if m["kind"] in STEP_NAMES else 9,
                                               m["kind"], str(m["amp"]), str(m["setting"]))):
@@ -491,11 +490,11 @@ def train_section(found, headlines):
         if rows:
             lines += [f"### `{name}`", ""] + table(["command", "amp", "seed", "student mIoU", "best", "wall s",
                                                     "machine alone", "commit", "machine"], rows) + [""]
-            lines += precision_pairs([r for _, r in records])
+            lines += whole_run_pairs([r for _, r in records])
     return lines
 
 
-def precision_pairs(runs):
+def whole_run_pairs(runs):
     """For whole runs in bf16 and in fp32 of the same seeds, one line: the mIoU difference paired by seed with its
     interval, and the mean wall times of the runs that had the machine alone; the same for runs channels-last and
     NCHW (records with a "channels_last" key). Nothing for other shapes."""

@@ -5,7 +5,8 @@
 DIR holds a dataset in the folder layout (images/train, masks/train, images/val, masks/val). The clock starts
 after the first batch, so worker start-up is left out. With 0 workers the main process also collates the
 batches, with torch's thread pool (--threads; DataLoader workers use 1 thread each); on a CPU that other
-processes keep busy that pool waits for cores, so the JSON records the load average. Prints one JSON object.
+processes keep busy that pool waits for cores, so each record keeps the load average. Prints one record a line
+(bench/record.py's shape), one per --workers value: `> bench/results/data_speed_cpu.jsonl` keeps them.
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from bench.record import command, commit  # noqa: E402
+from bench.record import command, record  # noqa: E402
 
 
 def samples_per_second(dataset, batch, samples, workers):
@@ -33,12 +34,13 @@ def samples_per_second(dataset, batch, samples, workers):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True, help="a dataset in the folder layout")
-    parser.add_argument("--crop", type=int, default=321)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--crop", type=int, default=321, help="(default: 321)")
+    parser.add_argument("--batch", type=int, default=8, help="(default: 8)")
+    parser.add_argument("--samples", type=int, default=256, help="samples timed (default: 256)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers, each timed "
+                        "(default: 0 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0: default)")
     args = parser.parse_args()
     if args.threads:
@@ -50,11 +52,11 @@ def main():
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     width, height = data.load_image(unlabeled.files[0][0]).size
-    rates = {str(w): round(samples_per_second(unlabeled, args.batch, args.samples, w), 1) for w in args.workers}
-    print(json.dumps({"pipeline": "unlabeled (weak + strong)", "crop": args.crop, "batch": args.batch,
-                      "samples": args.samples, "image_size": f"{width}x{height}", "cpus": os.cpu_count(),
-                      "load_average": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
-                      "samples_per_s_by_workers": rates, "command": command(), "commit": commit()}))
+    settings = {"crop": args.crop, "batch": args.batch, "samples": args.samples, "image_size": f"{width}x{height}"}
+    for workers in args.workers:
+        rate = round(samples_per_second(unlabeled, args.batch, args.samples, workers), 1)
+        print(json.dumps(record("data_speed", "unlabeled (weak + strong)", None, settings | {"workers": workers},
+                                {"samples_per_s": rate}, command())), flush=True)
 
 
 if __name__ == "__main__":

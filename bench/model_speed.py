@@ -1,19 +1,20 @@
-"""Cost of the three networks at their default widths: parameters, forward GFLOPs per image, training throughput
-(forward + backward images/s) and peak memory. Prints one JSON object.
+"""Cost of the three networks at their default widths (swinunet: Swin-T, 96 wide, depths 2-2-6-2; resunet:
+ResNet-34; deeplabv3plus: ResNet-50, output stride 16): parameters, forward GFLOPs per image, training throughput
+and peak memory. Prints one record a line (bench/record.py's shape), one per network.
 
-    python bench/model_speed.py                                          # CPU, fp32, crop 321, batch 2
-    python bench/model_speed.py --device cuda --amp bf16 --iters 20      # on a GPU
+    python bench/model_speed.py > bench/results/model_speed_cpu.jsonl              # CPU, fp32, crop 321, batch 2
+    python bench/model_speed.py --device cuda --amp bf16 --iters 20                 # on a GPU
 
-Each network is measured in a fresh process, so its peak memory is its own: on CUDA the peak of
-torch.cuda.max_memory_allocated over the timed steps; on the CPU the growth of the process's maximum resident set
-size (resource.getrusage ru_maxrss) from just before the first training step to the end (activations, gradients
-and allocator caches; the weights are already resident before).
+gflops_per_image counts one forward pass in eval mode (torch.utils.flop_counter, 2 FLOPs per multiply-add);
+images_per_s is forward + cross-entropy + backward in train mode. Each network is measured in a fresh process, so
+its peak memory is its own: on CUDA the peak of torch.cuda.max_memory_allocated over the timed steps; on the CPU
+the growth of the process's maximum resident set size (resource.getrusage ru_maxrss) from just before the first
+training step to the end (activations, gradients and allocator caches; the weights are already resident before).
 """
 import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import time
@@ -24,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model  # noqa: E402
-from bench.record import command, commit  # noqa: E402
+from bench.record import command, record  # noqa: E402
 
 
 def resident_mb() -> float:
@@ -77,38 +78,22 @@ def measure(name: str, args: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--crop", type=int, default=321)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--amp", choices=["off", "bf16"], default="off")
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=21)  # Pascal VOC
-    parser.add_argument("--models", default="swinunet,resunet,deeplabv3plus")
+    parser.add_argument("--crop", type=int, default=321, help="square input size (default: 321, VOC's crop)")
+    parser.add_argument("--batch", type=int, default=2, help="images per step (default: 2)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: cpu)")
+    parser.add_argument("--amp", choices=["off", "bf16"], default="off", help="(default: off, fp32)")
+    parser.add_argument("--iters", type=int, default=3, help="timed training steps (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    parser.add_argument("--num-classes", type=int, default=21, help="(default: 21, Pascal VOC)")
+    parser.add_argument("--models", default="swinunet,resunet,deeplabv3plus",
+                        help="comma-separated (default: swinunet,resunet,deeplabv3plus)")
     args = vars(parser.parse_args())
 
-    results = {}
     context = multiprocessing.get_context("spawn")  # a fresh process per network: its own peak memory
     for name in args["models"].split(","):
         with context.Pool(1) as pool:
-            results[name] = pool.apply(measure, (name, args))
-    machine = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args["device"] == "cuda" else "cpu",
-    }
-    notes = {
-        "gflops_per_image": "forward pass, torch.utils.flop_counter (2 FLOPs per multiply-add), eval mode",
-        "images_per_s": "forward + cross-entropy + backward, train mode",
-        "peak_mem_mb": ("torch.cuda.max_memory_allocated" if args["device"] == "cuda" else
-                        "growth of max RSS (resource.getrusage) over the training steps, fresh process per network"),
-        "default widths": "swinunet: Swin-T (96, depths 2-2-6-2); resunet: ResNet-34; deeplabv3plus: ResNet-50, OS16",
-    }
-    print(json.dumps({"settings": args, "machine": machine, "notes": notes, "results": results,
-                      "command": command(), "commit": commit()}, indent=2))
+            metrics = pool.apply(measure, (name, args))
+        print(json.dumps(record("model_speed", name, None, args, metrics, command(), args["device"])), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ For the two teachers G (Swin-UNet) and L (ResUNet) on the weak view (here: the w
                                       the discrepancy loss's choice (the surer teacher), and its mean weight
   miou_targets                        mIoU of the combined target (agreed -> mean argmax, disputed -> surer)
   pixel_accuracy_*                    the same four, as the share of valid pixels labeled right
-Prints one JSON object.
+Prints one record (bench/record.py's shape): the run as its variant, these figures as its metrics, each share and
+accuracy flat (agree_share, pl@0.9_accuracy, disputed_accuracy_swin, ...).
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ import data  # noqa: E402
 import train  # noqa: E402
 from evaluate import confusion_matrix, iou_per_class, one_line  # noqa: E402
 from losses import dual_teacher_targets  # noqa: E402
+from bench.record import command, record  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -107,19 +109,20 @@ def main(argv=None):
     valid = float(stats["valid"])
     share = lambda n: round(100 * float(n) / max(valid, 1), 2)
     accuracy = lambda right, n: round(100 * float(right) / max(float(n), 1), 2)
-    result = {"run": args.run, "epoch": checkpoint["epoch"], "images": len(files)}
-    result |= {f"miou_{name}": round(iou_per_class(cm)[1], 2) for name, cm in cms.items()}
+    result = {f"miou_{name}": round(iou_per_class(cm)[1], 2) for name, cm in cms.items()}
     result |= {f"pixel_accuracy_{name}": accuracy(cm.trace(), cm.sum()) for name, cm in cms.items()}
-    result["agree"] = {"share": share(stats["agree"]), "accuracy": accuracy(stats["agree_right"], stats["agree"])}
+    result |= {"agree_share": share(stats["agree"]), "agree_accuracy": accuracy(stats["agree_right"], stats["agree"])}
     for t in args.thresholds:
-        result[f"pl@{t}"] = {"share": share(stats[f"pl@{t}"]),
-                             "accuracy": accuracy(stats[f"pl@{t}_right"], stats[f"pl@{t}"])}
+        result |= {f"pl@{t}_share": share(stats[f"pl@{t}"]),
+                   f"pl@{t}_accuracy": accuracy(stats[f"pl@{t}_right"], stats[f"pl@{t}"])}
     n = stats["disputed"]
-    result["disputed"] = {"share": share(n), "accuracy_swin": accuracy(stats["disputed_swin_right"], n),
-                          "accuracy_res": accuracy(stats["disputed_res_right"], n),
-                          "accuracy_choice": accuracy(stats["disputed_choice_right"], n),
-                          "mean_weight": round(float(stats["disputed_weight"]) / max(float(n), 1), 3)}
-    print(json.dumps(result, indent=1))
+    result |= {"disputed_share": share(n), "disputed_accuracy_swin": accuracy(stats["disputed_swin_right"], n),
+               "disputed_accuracy_res": accuracy(stats["disputed_res_right"], n),
+               "disputed_accuracy_choice": accuracy(stats["disputed_choice_right"], n),
+               "disputed_mean_weight": round(float(stats["disputed_weight"]) / max(float(n), 1), 3)}
+    settings = {"run": args.run, "epoch": checkpoint["epoch"], "images": len(files), "thresholds": args.thresholds}
+    print(json.dumps(record("pseudo_labels", os.path.basename(os.path.normpath(args.run)), cfg["seed"], settings,
+                            result, command())))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Does IGL-DT beat supervised training and the one-teacher baseline on real data, and what does each part add?
-Trains each variant below on a `folder` dataset under one budget rule and reports the student's mIoU on val and
-on the dev set (bench/dev_set.py), per seed, with the paired difference to IGL-DT and its 95 % t-interval.
+Trains each variant below on a `folder` dataset under one budget rule and records the student's mIoU on val and
+on the dev set (bench/dev_set.py) per seed, with its learning curve; prints the comparisons paired by seed.
 
     python bench/quality.py --data-root DIR --seeds 0 1 2 --variants supervised igl-dt no-gcl no-lrl no-dl
     python bench/quality.py --data-root DIR --seeds 0 1 2 --budget equal-compute --variants supervised ema igl-dt
     python bench/quality.py --data-root DIR --variants supervised igl-dt -- --student-epochs 4 --workers 0
 
 Variants, as train.py flags. Everything else is train.py's `folder` defaults (DATASET_DEFAULTS["folder"]: a
-ResNet-18 student and both teachers from scratch, at small widths and crops sized for a 2-core CPU; summary.md
-lists the values used), changed for every variant alike by the train.py flags given after `--`:
+ResNet-18 student and both teachers from scratch, at small widths and crops sized for a 2-core CPU; each run's
+command and commit give the values used), changed for every variant alike by the train.py flags given after `--`:
   supervised   --teachers none     the student on the labeled images alone
   ema          --teachers ema      the one-teacher baseline: the student's EMA copy teaches (Mean Teacher + FixMatch
                                    threshold, weak view in, strong view and CutMix out), no stage 1
@@ -37,8 +37,9 @@ and the sample order. A run is `python train.py ...` in a child process, writing
 no-gcl, no-lrl and no-dl train the same teachers as igl-dt (they change only the student's losses), so once
 igl-dt's run of their seed is recorded they start from its teachers (train.py --teachers-from), which gives
 exactly the run a start from scratch would, without its stage 1; their wall time then leaves stage 1 out
-(`teachers_from` in the record), while train_s still counts it, from the stage-1 log they take over.
-The headline is the last epoch's student mIoU (miou_last); the best over the epochs (miou_best, train.py's
+(wall_s_partial, and --teachers-from in the record's command), while train_s still counts it, from the stage-1 log
+they take over.
+The headline is the last epoch's student mIoU (miou_val); the best over the epochs (miou_best, train.py's
 best.pt) is chosen on the val set itself, so it is recorded beside it, not instead. Per-class IoU is that of
 the last student (latest.pt).
 
@@ -46,11 +47,15 @@ The dev set is drawn once into OUT/dev (--dev-count, 80, of the split's unlabele
 a semi-supervised student saw those images unlabeled, a supervised one did not, so the dev set favours the
 semi-supervised variants; it is for choosing settings of one method, val for the method against a baseline.
 
-Writes OUT/records.jsonl (one JSON record per run: variant, budget, seed, miou_last, miou_dev, miou_best,
-iou_per_class, the per-epoch pseudo-label shares, cost, wall_s, train_s, images_per_s, config, command, commit,
-machine) and OUT/summary.md (per variant: each seed, the mean, and IGL-DT minus the variant, paired by seed,
-with its 95 % t-interval), and prints the summary as JSON. A run whose record exists is skipped (--force runs it again); a
-run stopped part-way is resumed from its latest.pt: the same command continues an interrupted benchmark.
+Writes OUT/records.jsonl, one record per run in bench/record.py's shape: settings (the train.py flags given, the
+precision, and the budget of a baseline), metrics (miou_val, miou_dev, miou_best, the teachers' last val mIoU
+miou_swin / miou_res / miou_ema, iou_per_class, train_s, wall_s for a whole run from scratch or wall_s_partial
+for one that took igl-dt's teachers or was resumed, images_per_s_<stage>, iterations_per_epoch, cost_units), and
+curve: at every evaluation (train.py --eval-every) the student's val mIoU (miou_val) and the teachers'
+(miou_swin, miou_res, miou_ema), and each student epoch's pseudo-label shares, read from the run's log.jsonl.
+Prints the table and the comparisons that bench/report.py puts on the results page (`python bench/report.py
+--print OUT` prints them again). A run whose record exists is skipped (--force runs it again); a run stopped
+part-way is resumed from its latest.pt: the same command continues an interrupted benchmark.
 """
 import argparse
 import json
@@ -58,7 +63,6 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -72,8 +76,8 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from bench.dev_set import make_dev_set  # noqa: E402
-from bench.record import machine_and_commit  # noqa: E402
-from bench.stats import interval_text, paired  # noqa: E402
+from bench.record import record  # noqa: E402
+from bench.report import section  # noqa: E402
 
 BUDGETS = ["same-student-epochs", "equal-compute"]
 
@@ -83,6 +87,8 @@ VARIANTS = {"supervised": ["--teachers", "none"], "ema": ["--teachers", "ema"], 
 SET_HERE = {"--dataset", "--data-root", "--split", "--splits-dir", "--out", "--seed", "--teachers", "--resume",
             "--teachers-from"}
 SAME_TEACHERS_AS_IGL_DT = {"no-gcl", "no-lrl", "no-dl"}
+WHERE_AND_WHO = {"--dataset", "--data-root", "--splits-dir", "--out", "--seed", "--teachers-from", "--device",
+                 "--resume"}  # flags that change no figure of a run, or are the record's own fields
 
 
 def parse_args(argv):
@@ -95,9 +101,9 @@ def parse_args(argv):
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="(default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="(default: 0)")
     p.add_argument("--budget", choices=BUDGETS, default="same-student-epochs", help="(default: same-student-epochs)")
-    p.add_argument("--speed-record", default="bench/results/speed_cpu_amp.json",
-                   help="bench/speed.py's JSON, whose step costs set the equal-compute epochs "
-                   "(default: bench/results/speed_cpu_amp.json)")
+    p.add_argument("--speed-record", default="bench/results/speed_cpu_amp.jsonl",
+                   help="bench/speed.py's records, whose step costs set the equal-compute epochs "
+                   "(default: bench/results/speed_cpu_amp.jsonl)")
     p.add_argument("--dev-count", type=int, default=80, help="images in the dev set (default: 80)")
     p.add_argument("--out", default="bench/results/quality_cpu", help="(default: bench/results/quality_cpu)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="(default: train.py's, cuda when there is one)")
@@ -118,14 +124,12 @@ def base_config(args, variant):
 
 
 def step_costs(path, amp):
-    """Seconds per step of each kind / seconds per supervised step, from a bench/speed.py record at `amp`."""
-    record = json.loads(Path(path).read_text())
-    label = {"off": "fp32", "bf16": "bf16"}.get(amp, amp)
-    kinds = record["kinds"].get(label) if label in record["kinds"] else record["kinds"]
-    if "supervised" not in kinds or record.get("settings", {}).get("amp", amp) != amp:
+    """Seconds per step of each kind / seconds per supervised step, from bench/speed.py's records at `amp`."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    seconds = {r["variant"]: r["metrics"]["seconds_per_step"] for r in records if r["settings"].get("amp") == amp}
+    if "supervised" not in seconds:
         sys.exit(f"error: --speed-record {path} holds no step costs at --amp {amp}")
-    base = kinds["supervised"]["seconds_per_step"]
-    return {kind: r["seconds_per_step"] / base for kind, r in kinds.items()}
+    return {kind: s / seconds["supervised"] for kind, s in seconds.items()}
 
 
 def run_cost(cfg, costs):
@@ -191,8 +195,8 @@ def student_miou(model, cfg, data_root, splits_dir, device):
 
 
 def read_run(run_dir, device, dev_root, dev_splits):
-    """The run's figures: mIoU from its log.jsonl, per-class IoU of its last student (latest.pt) evaluated here,
-    the same student's dev-set mIoU, and the per-epoch pseudo-label shares."""
+    """The run's metrics and curve: mIoU from its log.jsonl, per-class IoU of its last student (latest.pt) evaluated
+    here, the same student's dev-set mIoU, the speed of each stage; and its config."""
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     student = [r for r in log if "miou_student" in r]
     model, cfg = evaluate.load_student(run_dir / "latest.pt")  # in the run's memory layout, as it evaluated
@@ -205,96 +209,63 @@ def read_run(run_dir, device, dev_root, dev_splits):
     images = {stage: sum(r["seconds"] * r["images_per_s"] for r in log if r["stage"] == stage)
               for stage in ("teachers", "student")}
     rate = lambda n, s: round(n / s, 2) if s else None
-    return {"miou_last": round(student[-1]["miou_student"], 2), "miou_dev": round(dev["miou"], 2),
-            "miou_best": round(max(r["miou_student"] for r in student), 2),
-            "miou_teachers_last": {name: round(log[-1][f"miou_{name}"], 2) for name in ("swin", "res", "ema")
-                                   if f"miou_{name}" in log[-1]},
-            "iou_per_class": {name: None if math.isnan(iou) else round(iou, 2)  # NaN: class absent from val
-                              for name, iou in zip(info.class_names, result["iou"])},
-            "pseudo_label_shares": [{"epoch": r["epoch"], "agreed": round(r["share_agreed"], 4),
-                                     "disputed": round(r["share_disputed"], 4)}
-                                    for r in log if r["stage"] == "student" and "share_agreed" in r],
-            "train_s": round(sum(seconds.values()), 1),  # the epochs alone, without evaluation and start-up
-            "images_per_s": {stage: rate(images[stage], seconds[stage]) for stage in seconds}
-            | {"all": rate(sum(images.values()), sum(seconds.values()))},
-            "iterations_per_epoch": log[0]["iterations"],
-            "config": cfg}
+    metrics = {"miou_val": round(student[-1]["miou_student"], 2), "miou_dev": round(dev["miou"], 2),
+               "miou_best": round(max(r["miou_student"] for r in student), 2)}
+    metrics |= {f"miou_{name}": round(log[-1][f"miou_{name}"], 2) for name in ("swin", "res", "ema")
+                if log[-1].get(f"miou_{name}") is not None}  # the teachers' last val mIoU
+    metrics |= {"iou_per_class": {name: None if math.isnan(iou) else round(iou, 2)  # NaN: class absent from val
+                                  for name, iou in zip(info.class_names, result["iou"])},
+                "train_s": round(sum(seconds.values()), 1),  # the epochs alone, without evaluation and start-up
+                "images_per_s": rate(sum(images.values()), sum(seconds.values()))}
+    metrics |= {f"images_per_s_{stage}": rate(images[stage], seconds[stage]) for stage in seconds if seconds[stage]}
+    return metrics | {"iterations_per_epoch": log[0]["iterations"]}, curve_of(log), cfg
 
 
-def summarize(records):
-    """One row per (variant, budget): per-seed val and dev mIoU, means, and IGL-DT minus the variant, by seed."""
-    igl = {key: {r["seed"]: r[key] for r in records if r["variant"] == "igl-dt"} for key in ("miou_last", "miou_dev")}
-    rows = []
-    for variant in VARIANTS:
-        for budget in ("same-student-epochs", "equal-compute", "both"):
-            runs = sorted((r for r in records if r["variant"] == variant and r.get("budget", "both") == budget),
-                          key=lambda r: r["seed"])
-            if not runs:
-                continue
-            row = {"variant": variant, "budget": budget, "seeds": [r["seed"] for r in runs],
-                   "student_epochs": sorted({r["config"]["student_epochs"] for r in runs}),
-                   "cost_units": runs[0].get("cost_units"),
-                   "wall_min_mean": round(statistics.mean(r["wall_s"] for r in runs) / 60, 1),
-                   "teachers_shared": any(r.get("teachers_from") for r in runs)}
-            for key, name in (("miou_last", "val"), ("miou_dev", "dev")):
-                values = {r["seed"]: r[key] for r in runs if r.get(key) is not None}
-                row[name] = [values[seed] for seed in sorted(values)]
-                row[f"{name}_mean"] = round(statistics.mean(values.values()), 2) if values else None
-                row[f"{name}_igl_dt_minus"] = None if variant == "igl-dt" else paired(igl[key], values)
-            rows.append(row)
-    return rows
+def curve_of(log):
+    """The run's curve from its log.jsonl: at each epoch that has them, the val mIoU of the student (miou_val) and
+    of the teachers, and the pseudo-label shares, the epoch counted within its stage."""
+    teacher_epochs = max((r["epoch"] for r in log if r["stage"] == "teachers"), default=0)
+    names = {"miou_student": "miou_val", "miou_swin": "miou_swin", "miou_res": "miou_res", "miou_ema": "miou_ema",
+             "share_agreed": "share_agreed", "share_disputed": "share_disputed"}
+    curve = []
+    for r in log:
+        figures = {new: round(r[old], 4 if old.startswith("share") else 2) for old, new in names.items()
+                   if r.get(old) is not None}
+        if figures:
+            epoch = r["epoch"] - (teacher_epochs if r["stage"] == "student" else 0)
+            curve.append({"stage": r["stage"], "epoch": epoch} | figures)
+    return curve
 
 
-def own_keys(variant):
-    """The config keys a variant sets itself (and those that differ for every run)."""
-    return {flag[2:].replace("-", "_") for flag in VARIANTS[variant][::2]} | {"out", "seed", "teachers_from",
-                                                                              "student_epochs"}
+def run_settings(command, variant, amp, budget=None):
+    """A record's settings: the train.py flags its command gave (the last of a flag given twice) but those that
+    change no figure or are the record's own fields (WHERE_AND_WHO, the variant's flags), its precision, and the
+    budget that set a baseline's student epochs."""
+    words, settings = shlex.split(command)[2:], {}  # after `python train.py`
+    flags = [i for i, word in enumerate(words) if word.startswith("--")] + [len(words)]
+    for start, end in zip(flags, flags[1:]):
+        flag, values = words[start], [json_or_text(word) for word in words[start + 1:end]]
+        name = flag[2:].replace("-", "_")
+        if flag in WHERE_AND_WHO or flag in VARIANTS[variant][::2]:
+            continue
+        if values:
+            settings[name] = values[0] if len(values) == 1 else values
+        else:  # a switch: --freeze-teachers, --no-freeze-teachers
+            settings[name.removeprefix("no_")] = not flag.startswith("--no-")
+    return settings | {"amp": amp} | ({"budget": budget} if budget else {})
 
 
-def markdown(rows, records):
-    reference = next((r for r in records if r["variant"] == "igl-dt"), records[0])
-    cfg = reference["config"]
-    keys = ["split", "backbone", "pretrained", "crop_size", "batch_size", "teacher_epochs", "student_epochs",
-            "freeze_teachers", "lr", "swin_lr", "swin_dim", "swin_depths", "res_width", "threshold", "region",
-            "ema_momentum", "lambda_dis", "lambda_glo", "lambda_loc", "lambda_cps", "amp", "max_iters"]
-    commits = sorted({str(r.get("commit")) for r in records})
-    lines = [f"# IGL-DT against supervised training and the one-teacher baseline on {cfg['data_root']}", "",
-             "Configuration (IGL-DT's; every variant the same but its own flag and its budget's student epochs; each "
-             "run's full config is in records.jsonl): " + ", ".join(f"{key} {cfg.get(key)}" for key in keys) + ".",
-             f"Commits: {', '.join(commits)}.", "",
-             "mIoU (%) of the student after its last epoch, on val and on the dev set (the split's unlabeled "
-             "images that the semi-supervised variants saw unlabeled). Δ = IGL-DT minus the variant, paired by seed: "
-             "mean [95 % t-interval]. Cost in supervised-step epochs (see --budget).", ""]
-    differ = sorted({key for r in records for key, value in r["config"].items()
-                     if key not in own_keys(r["variant"]) | own_keys(reference["variant"]) and value != cfg.get(key)})
-    if differ:  # runs made by different commands into one --out
-        lines += [f"**Not one configuration**: the runs differ in {', '.join(differ)}.", ""]
-    lines += ["| variant | budget | student epochs | cost | seeds | val per seed | val mean | Δ val | dev per seed "
-              "| dev mean | Δ dev | wall min |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda values: ", ".join(f"{v:.2f}" for v in values)
-    delta = lambda d: "" if d is None else interval_text(d)
-    for row in rows:
-        cost = "" if row["cost_units"] is None else f"{row['cost_units']:.1f}"
-        mean = lambda v: "" if v is None else f"{v:.2f}"
-        lines.append(f"| {row['variant']} | {row['budget']} | {', '.join(map(str, row['student_epochs']))} | {cost} "
-                     f"| {len(row['seeds'])} | {fmt(row['val'])} | {mean(row['val_mean'])} "
-                     f"| {delta(row['val_igl_dt_minus'])} | {fmt(row['dev'])} | {mean(row['dev_mean'])} "
-                     f"| {delta(row['dev_igl_dt_minus'])} | {row['wall_min_mean']:.1f}"
-                     f"{'*' if row['teachers_shared'] else ''} |")
-    if any(row["teachers_shared"] for row in rows):
-        lines += ["", "*: started from the teachers of igl-dt's run of the same seed (train.py --teachers-from, the "
-                  "same result as a start from scratch): the wall time leaves out stage 1."]
-    shares = [r for r in records if r.get("pseudo_label_shares")]
-    if shares:
-        lines += ["", "What the student is taught: the share of valid unlabeled pixels that get an agreed pseudo-label "
-                  "above the threshold (L_pl's targets) and that the teachers dispute (L_dis's), per student epoch, "
-                  "for the first seed of each semi-supervised run:", "",
-                  "| run | budget | epoch | agreed and kept | disputed |", "|---|---|---|---|---|"]
-        for r in sorted(shares, key=lambda r: (list(VARIANTS).index(r["variant"]), r["budget"], r["seed"])):
-            if r["seed"] == min(x["seed"] for x in shares if (x["variant"], x["budget"]) == (r["variant"], r["budget"])):
-                lines += [f"| {r['run']} | {r['budget']} | {s['epoch']} | {s['agreed']:.3f} | {s['disputed']:.3f} |"
-                          for s in r["pseudo_label_shares"]]
-    return "\n".join(lines) + "\n"
+def json_or_text(word):
+    try:
+        return json.loads(word)
+    except json.JSONDecodeError:
+        return word
+
+
+def run_of(record):
+    """The run directory's name (OUT/runs/<name>), from the record's command."""
+    words = shlex.split(record["command"])
+    return Path(words[words.index("--out") + 1]).name
 
 
 def save_records(path, records):
@@ -322,7 +293,7 @@ def main(argv=None):
     amp = base_config(args, "igl-dt")["amp"]
     costs = step_costs(args.speed_record, amp)
     records_path = out / "records.jsonl"
-    records = {r["run"]: r for r in map(json.loads, records_path.read_text().splitlines())} \
+    records = {run_of(r): r for r in map(json.loads, records_path.read_text().splitlines())} \
         if records_path.is_file() else {}
     for seed in args.seeds:
         for variant in args.variants:
@@ -345,22 +316,16 @@ def main(argv=None):
                 shutil.rmtree(run_dir)
             print(f"{name}: {command}", flush=True)
             wall_s, resumed = run_training(arguments, run_dir)
-            result = read_run(run_dir, device, dev_root, dev_splits)
-            cost = run_cost(result["config"], costs)
-            budget = args.budget if variant in ("supervised", "ema") else "both"
-            records[name] = {"run": name, "variant": variant, "budget": budget, "seed": seed} | result | {
-                "cost_units": None if cost is None else round(cost, 2), "step_costs": costs,
-                "speed_record": args.speed_record,
-                "wall_s": round(wall_s, 1), "resumed": resumed,  # resumed: wall_s covers this invocation alone
-                "teachers_from": str(teachers) if shared else None,  # then wall_s leaves stage 1 out
-                "command": command} | machine_and_commit(device)
+            metrics, curve, cfg = read_run(run_dir, device, dev_root, dev_splits)
+            cost = run_cost(cfg, costs)
+            budget = args.budget if variant in ("supervised", "ema") else None  # IGL-DT's epochs no budget sets
+            # a wall time that leaves stage 1 out (teachers taken over) or a stopped part (resumed) is a part only
+            wall = "wall_s_partial" if shared or resumed else "wall_s"
+            metrics |= {wall: round(wall_s, 1)} | ({"cost_units": round(cost, 2)} if cost is not None else {})
+            records[name] = record("quality", variant, seed, run_settings(command, variant, cfg["amp"], budget),
+                                   metrics, command, device, curve)
             save_records(records_path, records.values())
-    rows = summarize(list(records.values()))
-    table = markdown(rows, list(records.values()))
-    (out / "summary.md").write_text(table)
-    print("\n" + table)
-    print(json.dumps(rows))
-
+    print("\n" + "\n".join(section(out.name, list(records.values()))))
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,23 @@
-"""What every benchmark record says about where it came from: the command, the commit and the machine.
+"""The one shape of every benchmark record, and where it came from: the command, the commit and the machine.
 
-    record = {...measurements...} | machine_and_commit(device)
-    record["command"] = command()
+Every script in bench/ that measures prints or writes its records one JSON object per line, each of this shape:
 
-`bench/report.py` puts these three in every row of `bench/results/README.md`, so a figure can be traced to the
-code and the machine that measured it. The commit is that of the checkout the benchmark ran in; a tree with
-uncommitted changes is marked `+dirty`, because its figures belong to no commit.
+    question  the script that measured it: quality, speed, model_speed, data_speed, pseudo_labels; train for
+              whole train.py runs
+    variant   what was measured: a quality variant (igl-dt, supervised, ...), a step kind, a network, a pipeline,
+              the setting a whole-run comparison varies (bf16, fp32)
+    seed      the seed, or null where none was drawn
+    settings  {name: value}: the settings that set this record apart (flags given, precision, budget, sizes)
+    metrics   {name: value}: what was measured, a number each, or {name: number} for a breakdown (per class, per op)
+    curve     [{"stage", "epoch", name: value, ...}]: a run's figures at each evaluation, its epoch counted
+              within its stage (the student's epochs from 1); [] where the script measures no curve
+    command   the command that produced it, as typed from the repository root
+    commit    `git rev-parse --short HEAD`, `+dirty` when tracked files differed; null where unknown
+    machine   {"device", "cpus", "torch_threads", "torch", "load_average"}, the load at the moment of measuring
+    note      (optional) one sentence a reader needs beside the figures
+
+`bench/report.py` groups the records by question and settings into `bench/results/README.md`, each row with its
+command, commit and machine, so that a figure can be traced to the code and the machine that measured it.
 """
 import os
 import platform
@@ -14,6 +26,13 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def record(question, variant, seed, settings, metrics, command, device="cpu", curve=(), note=None):
+    """One record of the shape above, with this checkout's commit and this machine."""
+    found = {"question": question, "variant": variant, "seed": seed, "settings": settings, "metrics": metrics,
+             "curve": list(curve), "command": command} | machine_and_commit(device)
+    return found | ({"note": note} if note else {})
 
 
 def commit():
@@ -55,5 +74,5 @@ def machine(device="cpu"):
 
 
 def machine_and_commit(device="cpu"):
-    """{"machine": machine(device), "commit": commit()}: the two keys every record carries."""
-    return {"machine": machine(device), "commit": commit()}
+    """{"commit": commit(), "machine": machine(device)}: the two keys every record carries."""
+    return {"commit": commit(), "machine": machine(device)}

@@ -20,11 +20,12 @@ the B labeled ones, the rate at which an epoch goes by.
 FLOPs are those of one step (forward, backward and the teachers' no-grad passes) counted by
 torch.utils.flop_counter on the eager path; tflops_per_s = FLOPs / seconds per step, and mfu = tflops_per_s / the
 device's dense peak for the step's precision (PEAK_TFLOPS below, or --peak-tflops; none for a CPU unless given).
---compare amp (fp32 against bf16) or --compare compile (eager against torch.compile) times every kind under both
-settings in one invocation, alternating, and reports the speed-up of each kind (ratios), so that a ratio never
-mixes two runs taken at different times. On a shared or small machine, minutes apart still swing by 10 % or more:
---interleave N also builds both settings of each kind in one process and alternates their steps (A B, B A, ...),
-N of each, so that a slow spell falls on both alike; the speed-ups then come from those steps' medians.
+--compare amp (fp32 against bf16), compile (eager against torch.compile) or channels-last (NCHW against NHWC) times
+every kind under both settings in one invocation, one after the other, so that bench/report.py's speed-up of each
+kind never mixes two runs taken at different times. On a shared or small machine, minutes apart still swing by
+10 % or more: --interleave N also builds both settings of each kind in one process and alternates their steps
+(A B, B A, ...), N of each, so that a slow spell falls on both alike, and records each setting's median step
+(interleaved_median_s), the speed-up report.py puts first.
 
 --breakdown adds, for each kind, where its time goes (torch.profiler): seconds per step in matrix products
 (convolutions, matmuls, attention) and in everything else, and the ten ops that take the most; it tells how much
@@ -35,7 +36,10 @@ the timed steps (weights, optimiser state, activations); on the CPU, the growth 
 from just before the first step (activations, gradients, optimiser state: the weights are resident before).
 The supervised kind holds the student alone (train.py builds no teacher for --teachers none); the others
 hold all three networks. Weights are random (--pretrained, --pretrained-swin and --pretrained-res none): speed
-does not depend on them, and nothing is downloaded. Prints one JSON object.
+does not depend on them, and nothing is downloaded. Prints one record a line (bench/record.py's shape), one per kind
+and setting: settings (sizes, precision, compile, layout, iterations), metrics (seconds_per_step, images_per_s,
+labeled_images_per_s, peak_mem_mb, gflops_per_step, tflops_per_s, mfu, warmup_s; with --breakdown
+matrix_products_s, other_s, matrix_share, top_ops_ms); `> bench/results/speed_<device>[_<tag>].jsonl` keeps them.
 """
 import argparse
 import json
@@ -53,7 +57,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # python bench/x.py starts sys.path at bench/: import the repository's modules
 import data  # noqa: E402
 import train  # noqa: E402
-from bench.record import command, machine_and_commit  # noqa: E402
+from bench.record import command, record  # noqa: E402
 
 KINDS = ["supervised", "teachers", "igl-dt", "igl-dt-frozen", "ema"]
 TEACHERS = {"supervised": "none", "ema": "ema"}  # the others hold both teachers
@@ -91,7 +95,7 @@ def parse_args(argv):
                    help="train.py --channels-last (default: train.py's)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--compare", choices=list(COMPARE), help="time every kind under both settings: amp = off "
-                   "against bf16, compile = eager against compiled (at --amp)")
+                   "against bf16, compile = eager against compiled, channels-last = NCHW against NHWC")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for the step's precision, for MFU "
                    "(default: from PEAK_TFLOPS by the GPU's name; none for a CPU)")
     p.add_argument("--iters", type=int, default=10, help="timed steps (default: 10)")
@@ -268,11 +272,6 @@ def run_kind(argv, kind, extra=()):
     return json.loads(child.stdout.splitlines()[-1])
 
 
-def overheads(results):
-    base = results["supervised"]["seconds_per_step"]
-    return {kind: round(r["seconds_per_step"] / base, 2) for kind, r in results.items() if kind != "supervised"}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -281,47 +280,25 @@ def main(argv=None):
         return
     cfg = trainer_config(args, "both")
     settings = {key: cfg[key] for key in ("dataset", "crop_size", "batch_size", "num_classes", "backbone",
-                                          "output_stride", "swin_dim", "swin_depths", "res_width", "amp", "compile",
-                                          "channels_last")}
-    report = {"settings": settings | {"device": args.device, "iters": args.iters, "warmup": args.warmup},
-              "command": command()} | machine_and_commit(args.device)
-    if args.compare is None:
-        results = {}
-        for kind in args.kinds:
-            results[kind] = run_kind(argv, kind)
-            print(f"{kind}: {results[kind]}", file=sys.stderr)
-        report["kinds"] = results
-        if "supervised" in results:
-            report["overhead_vs_supervised"] = overheads(results)
-    else:  # both settings of each kind one after the other, so that each ratio comes from one stretch of time
-        flag, values = COMPARE[args.compare]
-        labels = {"off": "fp32", "bf16": "bf16"} | ({False: "nchw", True: "channels_last"} if
-                                                     args.compare == "channels-last" else {False: "eager", True: "compiled"})
-        results = {labels[value]: {} for value in values}
-        for kind in args.kinds:
-            for value in values:
-                results[labels[value]][kind] = run_kind(argv, kind, setting_flags(flag, value))
-                print(f"{kind} {labels[value]}: {results[labels[value]][kind]}", file=sys.stderr)
-        first, second = (labels[value] for value in values)
-        report["settings"].pop({"amp": "amp", "compile": "compile"}.get(args.compare), None)
-        report["kinds"] = results
-        report[f"speedup_{second}_vs_{first}"] = {
-            kind: round(results[first][kind]["seconds_per_step"] / results[second][kind]["seconds_per_step"], 2)
-            for kind in args.kinds}
-        if args.interleave:  # the speed-ups from one process's alternating steps, each setting's median
+                                          "output_stride", "swin_dim", "swin_depths", "res_width", "channels_last")}
+    settings |= {"device": args.device, "iters": args.iters, "warmup": args.warmup}
+    flag, values = COMPARE[args.compare] if args.compare else (None, [None])
+    key = flag and flag[2:].replace("-", "_")
+    results = {}  # (kind, setting value): measurement; both settings of a kind one after the other
+    for kind in args.kinds:
+        for value in values:
+            results[kind, value] = run_kind(argv, kind, setting_flags(flag, value) if flag else [])
+            print(f"{kind} {value if flag else ''}: {results[kind, value]}", file=sys.stderr)
+        if args.interleave:  # the same kind, both settings alternating in this process: each one's median step
             argv_one = [a for a in argv if a != "--breakdown"]
-            medians = {}
-            for kind in args.kinds:
-                seconds = interleaved(argv_one, kind, flag, values, args.interleave)
-                medians[kind] = {labels[value]: round(statistics.median(s), 4) for value, s in zip(values, seconds)}
-                print(f"{kind} interleaved: {medians[kind]}", file=sys.stderr)
-            report["interleaved_median_s"] = medians
-            report[f"speedup_{second}_vs_{first}"] = {kind: round(m[first] / m[second], 2)
-                                                      for kind, m in medians.items()}
-            report["speedup_from"] = f"interleaved steps, {args.interleave} of each setting, medians"
-        if "supervised" in args.kinds:
-            report["overhead_vs_supervised"] = {label: overheads(r) for label, r in results.items()}
-    print(json.dumps(report, indent=1))
+            seconds = interleaved(argv_one, kind, flag, values, args.interleave)
+            for value, steps in zip(values, seconds):
+                results[kind, value]["interleaved_median_s"] = round(statistics.median(steps), 4)
+    for (kind, value), m in results.items():
+        these = settings | {"amp": m.pop("amp"), "compile": m.pop("compile")} | ({key: value} if flag else {})
+        these |= {"interleave": args.interleave} if args.interleave else {}
+        breakdown = m.pop("breakdown", {})  # --breakdown's split, flat beside the timings
+        print(json.dumps(record("speed", kind, None, these, m | breakdown, command(), args.device)))
 
 
 if __name__ == "__main__":

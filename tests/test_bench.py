@@ -1,6 +1,7 @@
 """The bench scripts' own logic: the diagnosis's pixel counts (bench/pseudo_labels.py), worked by hand on four
-pixels, the dev set (bench/dev_set.py), the quality benchmark's shared teachers (bench/quality.py), the
-speed benchmark's random weights (bench/speed.py), and that no script in bench/ takes a top-level module's name."""
+pixels, the dev set (bench/dev_set.py), the quality benchmark's shared teachers, settings and learning curves
+(bench/quality.py), the speed benchmark's random weights and its records (bench/speed.py), and that no script in
+bench/ takes a top-level module's name."""
 import glob
 import json
 import os
@@ -87,7 +88,7 @@ def test_the_dev_set_is_unlabeled_training_images_and_keeps_the_split(tmp_path):
         dev_set.make_dev_set(tmp_path / "real", tmp_path / "dev2", split="1/4", seed=0, count=13)
 
 
-def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(tmp_path):
+def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(tmp_path, capsys):
     from test_data import make_folder
     quality = bench_scripts.load("quality")
     make_folder(tmp_path / "real", train=16, val=4, unlabeled=3)
@@ -101,13 +102,46 @@ def test_the_loss_ablations_start_from_igl_dts_teachers_and_end_as_from_scratch(
     bench("shared", "no-gcl", "igl-dt")  # given in this order, igl-dt still runs first
     bench("scratch", "no-gcl")
     shared, scratch = read("shared"), read("scratch")
-    assert shared["no-gcl"]["teachers_from"] == str(tmp_path / "shared" / "runs" / "igl-dt_s0")
-    assert "--teachers-from" in shared["no-gcl"]["command"] and scratch["no-gcl"]["teachers_from"] is None
-    for key in ("miou_last", "miou_teachers_last", "iou_per_class"):
-        assert shared["no-gcl"][key] == scratch["no-gcl"][key], key
-    assert shared["igl-dt"]["miou_teachers_last"] == shared["no-gcl"]["miou_teachers_last"]
-    assert "*: started from the teachers of igl-dt" in (tmp_path / "shared" / "summary.md").read_text()
+    assert f"--teachers-from {tmp_path / 'shared' / 'runs' / 'igl-dt_s0'}" in shared["no-gcl"]["command"]
+    assert "--teachers-from" not in scratch["no-gcl"]["command"]
+    for key in ("miou_val", "miou_swin", "miou_res", "iou_per_class"):
+        assert shared["no-gcl"]["metrics"][key] == scratch["no-gcl"]["metrics"][key], key
+    assert shared["no-gcl"]["curve"] == scratch["no-gcl"]["curve"]
+    assert shared["igl-dt"]["metrics"]["miou_res"] == shared["no-gcl"]["metrics"]["miou_res"]
+    # its wall time leaves stage 1 out: a part, kept apart from the whole runs' wall_s
+    assert "wall_s_partial" in shared["no-gcl"]["metrics"] and "wall_s" not in shared["no-gcl"]["metrics"]
+    assert "wall_s" in scratch["no-gcl"]["metrics"]
+    # the curve: each evaluation's val mIoU (the teachers' from stage 1), the student's epochs counted from 1
+    curve = shared["igl-dt"]["curve"]
+    assert [(p["stage"], p["epoch"]) for p in curve if "miou_res" in p] == [("teachers", 1), ("student", 1)]
+    assert [p["epoch"] for p in curve if "miou_val" in p] == [1]
+    assert curve[-1]["miou_val"] == shared["igl-dt"]["metrics"]["miou_val"]
+    assert "- `no-gcl` " in capsys.readouterr().out  # the summary: the comparison with igl-dt, paired by seed
     bench("shared", "no-gcl", "igl-dt")  # run again: both recorded, so skipped, not refused as another command
+
+
+def test_a_quality_records_settings_are_the_flags_its_command_gave():
+    # the last of a flag given twice, switches as booleans, lists as lists; not where files go, not the seed, not the
+    # variant's own flag
+    quality = bench_scripts.load("quality")
+    command = ("python train.py --dataset folder --data-root /d --split 1/8 --splits-dir s --out o/runs/no-gcl_s1 "
+               "--seed 1 --student-epochs 22 --no-freeze-teachers --swin-depths 1 1 2 1 --student-epochs 52 "
+               "--lambda-glo 0 --teachers-from o/runs/igl-dt_s1")
+    assert quality.run_settings(command, "no-gcl", "bf16", "equal-compute") == {
+        "split": "1/8", "student_epochs": 52, "freeze_teachers": False, "swin_depths": [1, 1, 2, 1], "amp": "bf16",
+        "budget": "equal-compute"}
+    assert quality.run_of({"command": command}) == "no-gcl_s1"
+
+
+def test_a_runs_curve_counts_the_students_epochs_from_one():
+    quality = bench_scripts.load("quality")
+    log = [{"stage": "teachers", "epoch": 1}, {"stage": "teachers", "epoch": 2, "miou_swin": 10.123, "miou_res": 12.0},
+           {"stage": "student", "epoch": 3, "share_agreed": 0.12345, "share_disputed": 0.2},
+           {"stage": "student", "epoch": 4, "miou_student": 30.0, "miou_swin": 11.0, "miou_res": None}]
+    assert quality.curve_of(log) == [
+        {"stage": "teachers", "epoch": 2, "miou_swin": 10.12, "miou_res": 12.0},
+        {"stage": "student", "epoch": 1, "share_agreed": 0.1235, "share_disputed": 0.2},
+        {"stage": "student", "epoch": 2, "miou_val": 30.0, "miou_swin": 11.0}]
 
 
 @pytest.mark.parametrize("dataset", ["voc", "cityscapes", "folder", "synthetic"])
@@ -155,3 +189,18 @@ def test_the_speed_breakdown_splits_a_step_into_matrix_products_and_the_rest():
     plain = speed.parse_args(["--device", "cpu", "--amp", "off", "--crop", "64", "--batch", "2", "--iters", "1",
                               "--warmup", "0"])
     assert "breakdown" not in speed.measure(plain, "supervised")
+
+
+def test_the_speed_benchmark_prints_a_record_per_kind_and_setting(capsys, tmp_path):
+    # bench/record.py's one shape, a line each; bench/quality.py reads its step costs back from them
+    speed, quality = bench_scripts.load("speed"), bench_scripts.load("quality")
+    speed.main(["--device", "cpu", "--crop", "32", "--batch", "2", "--iters", "1", "--warmup", "0",
+                "--kinds", "supervised", "--compare", "amp"])
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["question"], r["variant"], r["settings"]["amp"]) for r in records] == [
+        ("speed", "supervised", "off"), ("speed", "supervised", "bf16")]
+    assert all(set(r) == {"question", "variant", "seed", "settings", "metrics", "curve", "command", "commit",
+                          "machine"} and r["metrics"]["seconds_per_step"] > 0 for r in records)
+    (tmp_path / "speed.jsonl").write_text("\n".join(lines) + "\n")
+    assert quality.step_costs(tmp_path / "speed.jsonl", "bf16") == {"supervised": 1.0}

@@ -33,19 +33,23 @@ data root, <splits_dir>/folder/<root name>-<hash>/<name>/; a name holding a spac
 already there is read as given, if it names images of this data's training pool; delete its folder to draw a new
 one with another --seed. evaluate.py scores any split of a layout (val, test, ...) without reading any list.
 
-Checks. build_datasets checks the layout and that every listed file exists; `python data.py` also opens every
-file; each sample is checked again as it loads. Every user mistake is a one-line DataError.
+Checks. build_datasets checks the layout and that every listed file exists; with check=True (train.py) it also
+reads every image's header and every labeled and val mask before it writes a drawn split; `python data.py` then
+decodes every file; each sample is checked again as it loads. Every user mistake is a one-line DataError.
+Images are read as displayed (their EXIF orientation applied), so a mask is of the image as displayed.
 """
 import argparse
+import contextlib
 import hashlib
 import os
+import signal
 import sys
 import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
@@ -107,22 +111,64 @@ def voc_palette(num_classes):
 
 
 # ------------------------------------------------------------------------------------------ files and pixels
-def open_decoded(path, kind, expected, decode=True):
-    """Image.open + decode now, so a missing or broken file is a DataError naming it, not a PIL traceback. With
-    decode=False only the header is read (size and mode, no pixels) and the file is closed."""
+ORIENTATION = 0x0112  # the EXIF tag of how the camera was held: 1 as stored, 2-8 flipped or turned (5-8 a quarter)
+
+
+@contextlib.contextmanager
+def reading(path, kind, expected):
+    """Inside it, a missing or broken file is a DataError naming it, not a PIL traceback."""
     try:
-        image = Image.open(path)
-        image.load() if decode else image.close()
-        return image
+        yield
     except FileNotFoundError:
         raise DataError(f"{kind} {path} does not exist") from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(f"cannot read {kind} {path} ({type(error).__name__}); expected {expected}") from None
 
 
+def open_decoded(path, kind, expected):
+    """Image.open + decode now, so a missing or broken file is a DataError naming it."""
+    with reading(path, kind, expected):
+        image = Image.open(path)
+        image.load()
+        return image
+
+
+def exif_orientation(image):
+    """An open image's EXIF orientation, 1 to 8 (1 without one). A PNG's EXIF counts once PIL has seen it: in the
+    header, or anywhere after decoding (asked for it earlier, PIL would decode the pixels to look)."""
+    if image.format == "PNG" and not {"exif", "Raw profile type exif"} & set(image.info):
+        return 1
+    orientation = image.getexif().get(ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def read_header(path):
+    """(size as displayed, EXIF orientation) of the image at `path`, from its header: no pixel is decoded."""
+    with reading(path, "image", "a JPEG or PNG file"), Image.open(path) as image:
+        orientation = exif_orientation(image)
+        # the size as stored: a TIFF's own tags, as newer PIL reports a turned TIFF's size already turned
+        width, height = (image.tag_v2[256], image.tag_v2[257]) if image.format == "TIFF" else image.size
+        return ((height, width) if orientation >= 5 else (width, height)), orientation
+
+
+def is_16_bit(image):
+    """Grayscale of 16 bits a pixel: PIL's mode I;16 (and I for a PNG, as older PIL reads one)."""
+    return image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
+
+
 def load_image(path):
-    """An RGB PIL image; DataError naming the path if it is missing or unreadable."""
+    """An RGB PIL image as displayed: its EXIF orientation applied (phone photos store the sensor's pixels and how
+    the camera was held), 16-bit grayscale brought to 8 bits by each pixel's high byte, as PIL reads a 16-bit
+    colour PNG (convert("RGB") would clip every value above 255 to white). DataError naming the path if it is
+    missing, unreadable, or of 32-bit pixels."""
     image = open_decoded(path, "image", "a JPEG or PNG file")
+    sixteen_bit = is_16_bit(image)
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    if sixteen_bit:
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        raise DataError(f"image {path} has mode {image.mode} (32-bit pixels); expected 8- or 16-bit images")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -147,15 +193,26 @@ def require_ids(mask, path):
     return mask
 
 
-def require_same_size(image, mask, image_path, mask_path):
-    if image.size != mask.size:
-        raise DataError(f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
-                        f"{mask.width}x{mask.height}; expected the same size")
+def require_same_size(image_size, mask_size, image_path, mask_path):
+    """An image as displayed and its mask are the same (width, height); the error names the image's EXIF
+    orientation when it has one, as its mask may have been drawn on the pixels as stored."""
+    if image_size == mask_size:
+        return
+    (width, height), (mask_width, mask_height) = image_size, mask_size
+    _, orientation = read_header(image_path)
+    turned = ""
+    if orientation != 1:
+        stored = f"{height}x{width}" if orientation >= 5 else f"{width}x{height}"
+        turned = (f" as displayed (its EXIF orientation {orientation} turns or flips the {stored} stored pixels; masks "
+                  f"are read as drawn on the image as displayed: if yours were drawn on the stored pixels, save the "
+                  f"images without the orientation tag)")
+    raise DataError(f"image {image_path} is {width}x{height}{turned} but its mask {mask_path} is "
+                    f"{mask_width}x{mask_height}; expected the same size")
 
 
 def load_pair(image_path, mask_path, num_classes):
     image, mask = load_image(image_path), load_mask(mask_path, num_classes)
-    require_same_size(image, mask, image_path, mask_path)
+    require_same_size(image.size, mask.size, image_path, mask_path)
     return image, mask
 
 
@@ -202,7 +259,7 @@ def weak_view(rng, image, mask, crop_size):
     y = rng.integers(0, max(height - crop_size, 0) + 1)
     w, h = min(crop_size, width), min(crop_size, height)
     # Resize only the crop window (`box`, in source pixels): the pixels of resize-then-crop without scaling the
-    # whole image (at 2x a Cityscapes frame is 8 M pixels, of which an 801 crop keeps 0.6 M).
+    # whole image, of which a crop keeps a small part.
     sx, sy = image.width / width, image.height / height
     box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
     image = image.resize((w, h), Image.BILINEAR, box=box)
@@ -312,7 +369,16 @@ def epoch_indices(num_items, length, seed, epoch, rank, world):
 def loader(dataset, indices, batch_size, workers, device_type):
     """Batches of `dataset` in the order `indices` gives (pinned memory for a GPU)."""
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                       num_workers=workers, drop_last=True, pin_memory=device_type == "cuda")
+                                       num_workers=workers, drop_last=True, pin_memory=device_type == "cuda",
+                                       worker_init_fn=leave_stop_signals_to_the_main_process)
+
+
+def leave_stop_signals_to_the_main_process(worker_id):
+    """A loader worker ignores SIGINT and SIGTERM: a scheduler (or Ctrl-C) signals the whole process group, and a
+    worker that died of it would end the run before the main process saves its state; the main process stops the
+    run, then its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 
@@ -423,9 +489,20 @@ def read_split_file(path, need_masks):
 
 
 def write_split_file(path, pairs):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(" ".join(quote_name(name) for name in pair if name) + "\n" for pair in pairs)
+    """Write a list whole or not at all: into a temporary file renamed over `path`, so a stop or a full disk mid-write
+    leaves no half list for the next run to read as given."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temporary, "w") as f:
+            f.writelines(" ".join(quote_name(name) for name in pair if name) + "\n" for pair in pairs)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DataError(f"cannot write the split list {path} ({error.strerror or error}); expected a writable "
+                        f"--splits-dir") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def find_mask(root, mask):
@@ -462,12 +539,25 @@ def require_in_pool(pairs, pool, source, root):
                             f"expected a list of this data (delete the folder to draw one, or another --splits-dir)")
 
 
-def require_files(root, pairs, source, masks=True):
+def require_files(root, pairs, source, masks=True, redraw=None):
+    """Every path of `pairs` is a file under root. redraw: the folder of the split list `source`, when it was read
+    from disk: the error then says to delete it, as a file removed since the list was drawn leaves it stale."""
+    hint = f" (if it was removed since, delete {redraw} to draw a new split without it)" if redraw else ""
     for pair in pairs:
         for path in pair if masks else pair[:1]:
             if not os.path.isfile(os.path.join(root, path)):
                 raise DataError(f"{source} names {path}, but {os.path.join(root, path)} is not a file; expected "
-                                f"every listed path to exist under --data-root")
+                                f"every listed path to exist under --data-root{hint}")
+
+
+def warn_unused(pool, listed, directory):
+    """One line when the lists read from `directory` leave out images of the training pool (added after the lists
+    were drawn, say). A warning, not an error: a published split may cover part of a pool on purpose."""
+    unused = sorted({image for image, _ in pool} - {image for image, _ in listed})
+    if unused:
+        print(f"warning: {len(unused)} image(s) of the training pool, such as {unused[0]}, are in neither split list "
+              f"of {directory}, so this run does not use them; delete that folder to draw a split that does",
+              file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------- layouts
@@ -528,10 +618,26 @@ def folder_images(root, split):
     return names
 
 
+def same_stem(names):
+    """The first two file names that differ only in their extension ("a.jpg", "a.png"), or None."""
+    seen = {}
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        if stem in seen:
+            return seen[stem], name
+        seen[stem] = name
+    return None
+
+
 def folder_pairs(root, split):
     """The (image, mask) pairs of images/<split>/ and masks/<split>/ (train, val, test, or any other name)."""
     names = folder_images(root, split)
     require_dir(root, "masks", split)
+    twins = same_stem(names)
+    if twins:
+        stem = os.path.splitext(twins[0])[0]
+        raise DataError(f"{os.path.join(root, 'images', split)} holds {twins[0]} and {twins[1]}, which would share the "
+                        f"one mask masks/{split}/{stem}.png; expected one image per mask (remove or rename one)")
     return [(f"images/{split}/{name}", f"masks/{split}/{os.path.splitext(name)[0]}.png") for name in names]
 
 
@@ -548,18 +654,36 @@ def folder_info(root, pairs):
     if os.path.isfile(path):
         with open(path) as lines:
             names = [line.strip() for line in lines if line.strip()]
+        if len(names) < 2:  # one class leaves nothing to tell apart: every pixel is it
+            raise DataError(f"{path} names {len(names)} class(es); expected one name per line for each of at least "
+                            f"2 classes, the background included")
     else:
-        found = set()
+        counts = np.zeros(256, dtype=np.int64)
         for _, mask in tqdm(pairs, desc="no classes.txt: reading the masks", leave=False, disable=None):
-            counts = load_mask(os.path.join(root, mask), IGNORE_INDEX).histogram()
-            found |= {value for value in range(IGNORE_INDEX) if counts[value]}
-        missing = sorted(set(range(max(found, default=0) + 1)) - found)
+            counts += load_mask(os.path.join(root, mask), IGNORE_INDEX).histogram()
+        found = [value for value in range(IGNORE_INDEX) if counts[value]]
+        require_two_classes(f"the masks under {os.path.join(root, 'masks')}", found, counts[IGNORE_INDEX] > 0)
+        missing = sorted(set(range(max(found) + 1)) - set(found))
         if missing:  # an id such as 200 would otherwise make a 201-class problem of mostly empty classes
-            raise DataError(f"the masks under {root} hold the ids {', '.join(map(str, sorted(found)))} but never "
+            raise DataError(f"the masks under {root} hold the ids {', '.join(map(str, found))} but never "
                             f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}; expected ids "
                             f"0..K-1 with {IGNORE_INDEX} for ignore, or a classes.txt naming the K classes")
-        names = [f"class{i}" for i in range(max(found, default=0) + 1)]
+        names = [f"class{i}" for i in range(max(found) + 1)]
     return DatasetInfo("folder", len(names), names, voc_palette(len(names)))
+
+
+def require_two_classes(masks, found, ignored):
+    """Masks that label no pixel, or only one class, leave nothing to learn. One class beside 255 is most likely a
+    binary mask saved as 0 / 255, and 255 always means ignore here: the error says so and how to say otherwise."""
+    if not found:
+        raise DataError(f"{masks} label no pixel: every pixel is {IGNORE_INDEX} (ignore), which leaves nothing to "
+                        f"learn or score; expected class ids 0, 1, ... on the labelled pixels")
+    if len(found) == 1 and ignored:
+        raise DataError(f"{masks} hold only the id {found[0]} and {IGNORE_INDEX}, which means ignore here, so there "
+                        f"is one class and nothing to learn; if {IGNORE_INDEX} marks a class (a binary mask saved as "
+                        f"0 / 255), remap it to {1 if found[0] == 0 else 0} in the masks (README, 'Your own data')")
+    if len(found) == 1:
+        raise DataError(f"{masks} hold only the class id {found[0]}; expected at least 2 classes")
 
 
 def synthetic_pair(split, index):
@@ -604,11 +728,12 @@ def require_root(dataset, data_root):
     return data_root or ""
 
 
-def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", crop_size=321, seed=0):
+def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", crop_size=321, seed=0, check=False):
     """(labeled, unlabeled, val, info) for `dataset`, with the split lists read from or written to
     split_directory(...)/{labeled,unlabeled}.txt, named by the split with "/" made "_" ("1/16" -> "1_16"; counts
     keep their name: "92", "1464", or "46" for folder / synthetic). data_root is unused for synthetic. Raises
-    DataError on any mistake in the flags, the layout or the lists."""
+    DataError on any mistake in the flags, the layout or the lists. check=True: every file is checked first
+    (check_dataset), and a drawn split is written only once the checks pass, so a failed check leaves no list."""
     root = require_root(dataset, data_root)
     candidates, unlabeled_pool, val, info, source = scan(dataset, root, split)
     count = labeled_count(dataset, split, len(candidates))
@@ -631,8 +756,9 @@ def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", cr
     else:
         labeled = [(image, find_mask(root, mask)) for image, mask in labeled]
         val = [(image, find_mask(root, mask)) for image, mask in val]
-        require_files(root, labeled, labeled_source)
-        require_files(root, unlabeled, unlabeled_source, masks=False)
+        redraw = None if drawn else directory
+        require_files(root, labeled, labeled_source, redraw=redraw)
+        require_files(root, unlabeled, unlabeled_source, masks=False, redraw=redraw)
         require_files(root, val, f"the {dataset} validation set")
         if not drawn:
             require_in_pool(labeled, candidates + unlabeled_pool, labeled_source, root)
@@ -641,30 +767,44 @@ def build_datasets(dataset, data_root=None, split="1/8", splits_dir="splits", cr
     if not labeled or not unlabeled:
         raise DataError(f"split {split} of {dataset} leaves {len(labeled)} labeled and {len(unlabeled)} unlabeled "
                         f"images; expected both to be non-empty")
-    if drawn:
-        write_split_file(labeled_txt, labeled)
-        write_split_file(unlabeled_txt, unlabeled)
 
     files = lambda pairs: [(os.path.join(root, image), os.path.join(root, mask) if mask else None)
                            for image, mask in pairs]
-    return (SemiDataset("labeled", files(labeled), info, crop_size, seed, labeled_scenes),
-            SemiDataset("unlabeled", [(image, None) for image, _ in files(unlabeled)], info, crop_size, seed,
-                        unlabeled_scenes),
-            SemiDataset("val", files(val), info, crop_size, seed, val_scenes),
-            info)
+    datasets = (SemiDataset("labeled", files(labeled), info, crop_size, seed, labeled_scenes),
+                SemiDataset("unlabeled", [(image, None) for image, _ in files(unlabeled)], info, crop_size, seed,
+                            unlabeled_scenes),
+                SemiDataset("val", files(val), info, crop_size, seed, val_scenes))
+    if check:
+        for each in datasets:
+            check_dataset(each)
+        if not drawn:
+            warn_unused(candidates + unlabeled_pool, labeled + unlabeled, directory)
+    if drawn:
+        write_split_file(unlabeled_txt, unlabeled)
+        write_split_file(labeled_txt, labeled)
+    return (*datasets, info)
 
 
-def check_headers(dataset):
-    """Read every file's header, not its pixels (seconds for VOC): images readable, masks single-channel and of
-    their image's size. train.py runs it before the first epoch, so a broken file costs no training time."""
+def check_dataset(dataset):
+    """Read every image's header and every mask once, before any training: images readable, masks single-channel,
+    of their image's size as displayed (EXIF orientation applied) and holding only 0..K-1 or 255; then, over the
+    whole set, labeled and val masks that label some pixel, and labeled masks of at least two classes. Reads no
+    image pixels; DataError on the first problem, naming the file."""
     if dataset.scenes is not None:
         return
-    for image_path, mask_path in tqdm(dataset.files, desc=f"reading {dataset.mode} headers", leave=False,
-                                      disable=None):
-        image = open_decoded(image_path, "image", "a JPEG or PNG file", decode=False)
+    pixels_per_id = np.zeros(256, dtype=np.int64)
+    for image_path, mask_path in tqdm(dataset.files, desc=f"checking {dataset.mode}", leave=False, disable=None):
+        image_size, _ = read_header(image_path)
         if mask_path is not None:
-            mask = require_ids(open_decoded(mask_path, "mask", "a PNG of class ids", decode=False), mask_path)
-            require_same_size(image, mask, image_path, mask_path)
+            mask = load_mask(mask_path, dataset.info.num_classes)
+            require_same_size(image_size, mask.size, image_path, mask_path)
+            pixels_per_id += mask.histogram()
+    if dataset.mode == "unlabeled":
+        return
+    masks = f"the {len(dataset)} {dataset.mode} masks ({dataset.files[0][1]}, ...)"
+    found = [value for value in range(dataset.info.num_classes) if pixels_per_id[value]]
+    if dataset.mode == "labeled" or not found:  # labeled: two classes to learn; val: a labelled pixel to score
+        require_two_classes(masks, found, pixels_per_id[IGNORE_INDEX] > 0)
 
 
 def eval_set(dataset, data_root, split, info):
@@ -707,7 +847,7 @@ def main(argv=None):
                                     args.split)
         existed = os.path.exists(os.path.join(directory, "labeled.txt"))
         labeled, unlabeled, val, info = build_datasets(args.dataset, args.data_root, args.split, args.splits_dir,
-                                                       seed=args.seed)
+                                                       seed=args.seed, check=True)
         for dataset in (labeled, unlabeled, val):
             check_files(dataset)
     except DataError as error:

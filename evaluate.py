@@ -9,6 +9,7 @@ evaluates the images rank, rank + world, ... (each exactly once, no padded dupli
 matrices are summed, so the mIoU equals the one-process mIoU.
 """
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from models import build_model
+from models import build_model, load_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -96,11 +97,12 @@ def predict(model, image, num_classes, mode="full", window=801, stride=534, flip
 
 @torch.no_grad()
 def evaluate(model, dataset, num_classes, device="cpu", mode="full", window=801, stride=534, flip=False,
-             scales=(1.0,), amp_dtype=None, num_workers=0):
+             scales=(1.0,), amp_dtype=None, num_workers=0, stop=None):
     """mIoU of `model` on `dataset` (items: image (3, H, W), mask (H, W)), one image at a time at full size.
 
     Distributed: each rank takes images rank, rank + world, ...; the confusion matrices are all-reduced.
-    Returns {"miou": float, "iou": [K floats, NaN for absent classes], "confusion": (K, K) tensor}.
+    Returns {"miou": float, "iou": [K floats, NaN for absent classes], "confusion": (K, K) tensor}, or None when
+    `stop()` (asked before each image, one process only) turns true.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     indices = list(range(rank, len(dataset), world))
@@ -111,6 +113,9 @@ def evaluate(model, dataset, num_classes, device="cpu", mode="full", window=801,
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     device_type = torch.device(device).type
     for image, mask in loader:
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         image, mask = image.to(device), mask.to(device)
         with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             probs = predict(model, image, num_classes, mode, window, stride, flip, scales)
@@ -168,6 +173,8 @@ def build_student(config, pretrained=False):
 def read_checkpoint(path, flag, keys=("config",), expected="a best.pt or latest.pt written by train.py"):
     """The dict that train.py saved in `path`, holding `keys`; a missing, truncated, empty or foreign file is a
     one-line error naming `flag` and the file (weights_only: a file can hold tensors, never code to run)."""
+    if os.path.isdir(path):
+        raise data.DataError(f"{flag} {path}: is a folder; expected {expected}, such as {Path(path) / 'best.pt'}")
     if not os.path.isfile(path):
         raise data.DataError(f"{flag} {path}: no such file")
     try:
@@ -194,10 +201,10 @@ def load_student(path, device="cpu"):
     config = checkpoint["config"]
     student = build_student(config)
     try:
-        student.load_state_dict(weights)
-    except (RuntimeError, KeyError) as error:  # missing or misshapen weights
-        raise data.DataError(f"--checkpoint {path}: its student does not match its config "
-                             f"({one_line(error)[:200]}); expected the file as train.py wrote it")
+        load_weights(student, weights, "its student weights")
+    except ValueError as error:  # missing or misshapen weights
+        raise data.DataError(f"--checkpoint {path}: its student does not match its config ({error}); expected the "
+                             f"file as train.py wrote it")
     # In the memory layout the run used: another layout's kernels round differently, and the mIoU printed here
     # is to be the one the run logged.
     return student.to(device, memory_format=memory_format(config)).eval(), config
@@ -222,6 +229,8 @@ def require_device(device):
 
 def require_writable_dir(path, flag):
     """Create `path` and write a file there now, so that an unwritable folder is found before the work, not after."""
+    if Path(path).is_file():
+        raise data.DataError(f"{flag} {path}: cannot write there, it is a file; expected a folder")
     probe = Path(path) / ".write_test"
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -255,12 +264,56 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def segment_folder(student, config, folder, out_dir, device, **inference):
-    """Save a coloured prediction for every image in `folder` (the way to apply a student to new pictures)."""
+# What each numeric flag must be; checked before the checkpoint or any image is read. The scales are bounded so that
+# a slip (0, 100) is an error rather than an image of no pixels or one past the memory; the multi-scale sets in use
+# lie well inside.
+FLAG_LIMITS = {
+    "window": (lambda v: v >= 1, "1 or more"), "stride": (lambda v: v >= 1, "1 or more"),
+    "scales": (lambda v: 0.25 <= v <= 4, "scales from 0.25 to 4"), "workers": (lambda v: v >= 0, "0 or more"),
+}
+
+
+def check_flags(args):
+    """The numeric flags as FLAG_LIMITS asks (None: the checkpoint's value), and the --images folder; each mistake
+    is one line naming the flag and what was expected."""
+    for key, (ok, expected) in FLAG_LIMITS.items():
+        value = getattr(args, key)
+        for each in value if isinstance(value, list) else [value]:
+            if each is not None and not (math.isfinite(each) and ok(each)):
+                raise data.DataError(f"--{key} {each}: expected {expected}")
+    if args.images:
+        image_files(args.images, args.save_vis or "predictions")
+
+
+def check_window(inference):
+    """A sliding stride longer than the window would leave pixels that no window covers."""
+    if inference["mode"] == "sliding" and inference["stride"] > inference["window"]:
+        raise data.DataError(f"--stride {inference['stride']}: expected at most the window, {inference['window']} "
+                             f"(a longer stride leaves pixels no window covers)")
+
+
+def image_files(folder, out_dir):
+    """The images in `folder`, sorted; each one's prediction is written to out_dir/<stem>.png. A DataError if the
+    folder holds none, if two share a stem (their predictions would overwrite each other), or if out_dir is the
+    folder itself (the predictions would overwrite its PNG images)."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
         if Path(folder).is_dir() else []
     if not paths:
         raise data.DataError(f"--images {folder}: expected a folder holding images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    twins = data.same_stem([p.name for p in paths])
+    if twins:
+        raise data.DataError(f"--images {folder} holds {twins[0]} and {twins[1]}, whose predictions would both be "
+                             f"{Path(out_dir) / (Path(twins[0]).stem + '.png')}; expected one image per name "
+                             f"(rename one)")
+    if Path(out_dir).resolve() == Path(folder).resolve():
+        raise data.DataError(f"--save-vis {out_dir} is the --images folder, whose PNG images the predictions would "
+                             f"overwrite; expected another folder")
+    return paths
+
+
+def segment_folder(student, config, folder, out_dir, device, **inference):
+    """Save a coloured prediction for every image in `folder` (the way to apply a student to new pictures)."""
+    paths = image_files(folder, out_dir)
     palette = [tuple(colour) for colour in config["palette"]]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path in paths:
@@ -273,15 +326,15 @@ def segment_folder(student, config, folder, out_dir, device, **inference):
 def main(argv=None):
     args = parse_args(argv)
     require_device(args.device)
-    if args.workers < 0:
-        raise data.DataError(f"--workers {args.workers}: expected 0 or more")
+    check_flags(args)
     if args.save_vis or args.images:
         require_writable_dir(args.save_vis or "predictions", "--save-vis")
     student, config = load_student(args.checkpoint, args.device)
     mode = args.mode or config.get("eval_mode", "full")
-    window = args.window or config.get("eval_window", 801)
-    inference = dict(mode=mode, window=window, stride=args.stride or max(1, window * 2 // 3),
+    window = config.get("eval_window", 801) if args.window is None else args.window
+    inference = dict(mode=mode, window=window, stride=max(1, window * 2 // 3) if args.stride is None else args.stride,
                      flip=args.flip, scales=tuple(args.scales))
+    check_window(inference)
     if args.images:
         segment_folder(student, config, args.images, args.save_vis or "predictions", args.device, **inference)
         return
@@ -292,6 +345,7 @@ def main(argv=None):
     if fixed != classes:
         raise data.DataError(f"--dataset {dataset} has {fixed} classes, the checkpoint {classes}")
     val_set = data.eval_set(dataset, args.data_root or config.get("data_root"), args.split, info)
+    data.check_dataset(val_set)  # every mask once, so a bad one is found before the evaluation, not in it
     # In the precision the run evaluated in (fp16 only on a GPU), so the mIoU printed here is the one it logged.
     amp = config.get("amp") if config.get("amp") == "bf16" or args.device == "cuda" else "off"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)

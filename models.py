@@ -301,8 +301,16 @@ class SwinUNet(nn.Module):
         Returns {"loaded": our keys that were set, "skipped": torchvision keys that were not used}.
         """
         if not any(k.startswith("features.1.0.attn.") for k in state_dict):
-            raise ValueError("load_torchvision_swin expects a torchvision swin_t state dict ('features.1.0.attn.qkv."
-                             f"weight', ...); got keys like {list(state_dict)[:3]}")
+            held = f"a torchvision {resnet_name(state_dict)}" if resnet_layout(state_dict) else \
+                f"keys like {', '.join(list(state_dict)[:3])}"
+            raise ValueError(f"the weights hold {held}; expected a torchvision swin_t state dict "
+                             f"('features.1.0.attn.qkv.weight', ...)")
+        theirs = swin_layout(state_dict)
+        ours = (self.patch_embed.proj.out_channels, tuple(len(stage) for stage in self.stages))
+        if theirs != ours:
+            raise ValueError(f"the weights are a Swin of width {theirs[0]} and depths {theirs[1]}, this SwinUNet's "
+                             f"are {ours[0]} and {ours[1]}: build it with theirs (train.py: --swin-dim {theirs[0]} "
+                             f"--swin-depths {' '.join(map(str, theirs[1]))})")
         own = self.state_dict()
         loaded, skipped = {}, []
         for key, value in state_dict.items():
@@ -453,11 +461,21 @@ class ResUNet(nn.Module):
     def load_torchvision_resnet(self, state_dict: dict) -> dict:
         """Load a torchvision ``resnet34`` state dict into the encoder: key k -> encoder.k; fc.* is not used.
         Returns {"loaded": our keys that were set, "skipped": torchvision keys that were not used}."""
-        if "layer1.0.conv1.weight" not in state_dict:
+        if not resnet_layout(state_dict):
             raise ValueError("load_torchvision_resnet expects a torchvision resnet34 state dict ('conv1.weight', "
                              f"'layer1.0.conv1.weight', ...); got keys like {list(state_dict)[:3]}")
+        block, depths, widths = resnet_layout(state_dict)
+        own_depths = tuple(len(getattr(self.encoder, f"layer{i}")) for i in range(1, 5))
+        own_widths = tuple(getattr(self.encoder, f"layer{i}")[0].conv1.out_channels for i in range(1, 5))
+        if (block, depths) != ("BasicBlock", own_depths):
+            own = RESNETS.get(("BasicBlock", own_depths), f"ResNet of BasicBlocks {own_depths}")
+            raise ValueError(f"the weights are a torchvision {resnet_name(state_dict)}, this ResUNet's encoder a "
+                             f"{own}: expected {own} weights")
+        if widths != own_widths:
+            raise ValueError(f"the weights are a resnet34 of widths {widths}, this ResUNet's are {own_widths}: build "
+                             f"it with widths={widths} (train.py: --res-width {widths[0]})")
         trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-        self.encoder.load_state_dict(trunk)  # strict: any mismatch of layout or widths raises here
+        load_weights(self.encoder, trunk, "the resnet34 weights")
         return {"loaded": sorted("encoder." + k for k in trunk), "skipped": sorted(set(state_dict) - set(trunk))}
 
 
@@ -498,17 +516,6 @@ class ASPP(nn.Module):
         return self.project(torch.cat([branch(x) for branch in self.branches] + [pooled], dim=1))
 
 
-def torchvision_state_dict(weights, arch: str) -> dict:
-    """A torchvision model's state dict: ImageNet through torchvision's weights API (``weights=True`` downloads the
-    arch's DEFAULT weights), a local file (``weights="path.pth"``, loaded with weights_only=True), or a state dict
-    already loaded (returned as is)."""
-    if weights is True:
-        return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
-    if isinstance(weights, dict):
-        return weights
-    return torch.load(weights, map_location="cpu", weights_only=True)
-
-
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+: a dilated ResNet (output stride 16, or 8), ASPP on layer4, and a decoder that joins the ASPP
     output, upsampled to H/4, with layer1's features projected to 48 channels; two 3x3 convs, a 1x1 classifier.
@@ -530,8 +537,7 @@ class DeepLabV3Plus(nn.Module):
         low_ch = high_ch // 8  # layer1's channels
         del trunk.avgpool, trunk.fc  # the classification head is not used (and would get no gradient)
         if pretrained:
-            weights = torchvision_state_dict(pretrained, backbone)
-            trunk.load_state_dict({k: v for k, v in weights.items() if not k.startswith("fc.")})
+            load_backbone(trunk, torchvision_state_dict(pretrained, backbone), backbone)
         if output_stride == 16:
             dilate_layer(trunk.layer4, dilation=2, previous_dilation=1)
         else:
@@ -554,6 +560,100 @@ class DeepLabV3Plus(nn.Module):
         x = self.fuse(torch.cat([x, self.reduce(low)], dim=1))
         logits = F.interpolate(self.classifier(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return (logits, deepest) if return_features else logits
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Weights from files: read safely, loaded whole or refused in one sentence
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def read_weights(path) -> dict:
+    """The state dict that torch.save wrote to `path`, read with weights_only=True (a file holds tensors, never code
+    to run). ValueError, one sentence naming the path, if it is missing, unreadable or not a dict of tensors."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as error:  # a text file, a truncated download, a pickle of other objects: torch's advice to
+        # load it with weights_only=False would run whatever code the file holds, so only its kind is said
+        raise ValueError(f"{path} is not a file of tensors saved with torch.save ({type(error).__name__}); expected "
+                         f"a state dict such as torchvision's .pth files") from None
+    if not isinstance(state_dict, dict) or not state_dict or \
+            not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        keys = f" of keys like {', '.join(map(str, list(state_dict)[:3]))}" if isinstance(state_dict, dict) else ""
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}{keys}; expected a state dict, parameter name -> "
+                         f"tensor (a training checkpoint holds one: save that alone)")
+    return state_dict
+
+
+def load_weights(module: nn.Module, state_dict: dict, what: str = "the weights") -> None:
+    """``module.load_state_dict(state_dict)`` when every key and shape matches; else ValueError, one sentence naming
+    how many keys are missing, unexpected or of another shape, with the first of each (not torch's page of them)."""
+    own = module.state_dict()
+    shape = lambda value: tuple(getattr(value, "shape", ()))
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    reshaped = [k for k in own if k in state_dict and shape(own[k]) != shape(state_dict[k])]
+    problems = [f"{len(missing)} key(s) missing (such as {missing[0]})" if missing else "",
+                f"{len(unexpected)} key(s) unexpected (such as {unexpected[0]})" if unexpected else "",
+                f"{len(reshaped)} key(s) of another shape (such as {reshaped[0]}: {shape(state_dict[reshaped[0]])} "
+                f"in the weights, {shape(own[reshaped[0]])} here)" if reshaped else ""]
+    if any(problems):
+        raise ValueError(f"{what} do not fit this {type(module).__name__}: "
+                         + "; ".join(problem for problem in problems if problem))
+    module.load_state_dict(state_dict)
+
+
+RESNETS = {("BasicBlock", (2, 2, 2, 2)): "resnet18", ("BasicBlock", (3, 4, 6, 3)): "resnet34",
+           ("Bottleneck", (3, 4, 6, 3)): "resnet50", ("Bottleneck", (3, 4, 23, 3)): "resnet101",
+           ("Bottleneck", (3, 8, 36, 3)): "resnet152"}
+
+
+def resnet_layout(state_dict: dict):
+    """(block, blocks per layer, widths of layer1..layer4) of a torchvision ResNet state dict, such as
+    ("BasicBlock", (3, 4, 6, 3), (64, 128, 256, 512)) for resnet34; None if it holds no ResNet."""
+    if not all(f"layer{i}.0.conv1.weight" in state_dict for i in range(1, 5)):
+        return None
+    block = "Bottleneck" if "layer1.0.conv3.weight" in state_dict else "BasicBlock"
+    depths = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    widths = tuple(state_dict[f"layer{i}.0.conv1.weight"].shape[0] for i in range(1, 5))
+    return block, depths, widths
+
+
+def resnet_name(state_dict: dict):
+    """torchvision's name of the ResNet a state dict holds ("resnet18", ...), its layout in words if it has none,
+    None if it holds no ResNet."""
+    layout = resnet_layout(state_dict)
+    return layout and RESNETS.get(layout[:2], f"ResNet of {layout[0]}s {layout[1]}")
+
+
+def swin_layout(state_dict: dict) -> tuple:
+    """(embedding width, blocks per stage) of a torchvision Swin state dict: (96, (2, 2, 6, 2)) for swin_t."""
+    stages = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")} - {0})[::2]
+    depths = tuple(len({k.split(".")[2] for k in state_dict if k.startswith(f"features.{i}.")}) for i in stages)
+    return state_dict["features.0.0.weight"].shape[0], depths
+
+
+def load_backbone(trunk: nn.Module, state_dict: dict, arch: str) -> None:
+    """Load a torchvision ResNet state dict (fc.* unused) into `trunk`, torchvision's `arch` without its head;
+    ValueError in one sentence if the weights hold another network."""
+    found = resnet_name(state_dict)
+    if found != arch:
+        held = f"a torchvision {found}" if found else f"keys like {', '.join(list(state_dict)[:3])}"
+        other = f", or the backbone {found} (train.py: --backbone {found})" if found in DeepLabV3Plus.backbones else ""
+        raise ValueError(f"the weights hold {held}, this network a {arch} backbone: expected {arch} weights{other}")
+    load_weights(trunk, {k: v for k, v in state_dict.items() if not k.startswith("fc.")}, f"the {arch} weights")
+
+
+def torchvision_state_dict(weights, arch: str) -> dict:
+    """A torchvision model's state dict: ImageNet through torchvision's weights API (``weights=True`` downloads the
+    arch's DEFAULT weights), a local file (``weights="path.pth"``, see read_weights), or a state dict already loaded
+    (returned as is)."""
+    if weights is True:
+        return torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+    if isinstance(weights, dict):
+        return weights
+    return read_weights(weights)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 Everything the method does in one iteration is in `teacher_step` and `student_step`, in the paper's order.
 """
 import argparse
+import fcntl
 import copy
 import itertools
 import json
@@ -163,6 +164,10 @@ def native_bf16(device):
 
 
 # ------------------------------------------------------------------------------------------------ checks
+class RunError(Exception):
+    """A mistake in a run's flags, in its run directory or for this machine, or a run that cannot go on (it
+    diverged, the disk is full); str() is one line naming the flag or file and what was expected. data.DataError is
+    the data's. The command line prints either as `error: ...` and exits 2."""
 def given_flags(parser, argv, args):
     """The settings the command line names (rather than leaves to their defaults), for --resume: argparse fills in
     a default only where the namespace holds no value yet, so what still holds the marker was not given."""
@@ -185,7 +190,7 @@ SETTING_LIMITS = {
     "lambda_u": _number(0), "lambda_dis": _number(0), "lambda_glo": _number(0), "lambda_loc": _number(0),
     "lambda_cps": _number(0), "cps_rampup": _number(0), "threshold": _number(0, 1), "ema_momentum": _number(0, 1),
     "region": _number(1), "swin_dim": _number(1), "res_width": _number(1), "eval_every": _number(1),
-    "eval_window": _number(1), "workers": _number(0), "max_iters": _number(0),
+    "eval_window": _number(1), "workers": _number(0), "max_iters": _number(0), "seed": _number(0),
 }
 
 
@@ -194,30 +199,33 @@ def check_settings(cfg, world, device):
     line naming the flag and what was expected."""
     for key, (ok, expected) in SETTING_LIMITS.items():
         if not ok(cfg[key]):
-            raise data.DataError(f"--{key.replace('_', '-')} {cfg[key]}: expected {expected}")
+            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: expected {expected}")
+    if not all(depth >= 1 for depth in cfg["swin_depths"]):
+        raise RunError(f"--swin-depths {' '.join(map(str, cfg['swin_depths']))}: expected four block counts of 1 "
+                       f"or more")
     widths = [cfg["swin_dim"] * 2 ** i for i in range(4)]
     if any(width % max(1, width // 32) for width in widths):  # a head of 32 channels, as in build_networks
-        raise data.DataError(f"--swin-dim {cfg['swin_dim']}: expected a width that heads of 32 channels divide at "
+        raise RunError(f"--swin-dim {cfg['swin_dim']}: expected a width that heads of 32 channels divide at "
                              f"every stage (such as 12, 24, 48 or 96)")
     if cfg["student_epochs"] == 0 and (cfg["teachers"] in ("none", "ema") or cfg["teacher_epochs"] == 0):
-        raise data.DataError("--student-epochs 0 leaves nothing to train (it needs teachers and --teacher-epochs > 0)")
+        raise RunError("--student-epochs 0 leaves nothing to train (it needs teachers and --teacher-epochs > 0)")
     if cfg["batch_size"] % world:
-        raise data.DataError(f"--batch-size {cfg['batch_size']}: expected a multiple of the {world} processes")
+        raise RunError(f"--batch-size {cfg['batch_size']}: expected a multiple of the {world} processes")
     if cfg["amp"] == "fp16" and device == "cpu":
-        raise data.DataError("--amp fp16 on the CPU: expected bf16 or off (a CPU emulates fp16, about 10x slower)")
+        raise RunError("--amp fp16 on the CPU: expected bf16 or off (a CPU emulates fp16, about 10x slower)")
 
 
 def check_hardware(args):
     """--device, --gpus and --amp against this machine, before any data is read."""
     require_device(args.device)
     if args.gpus < 0:
-        raise data.DataError(f"--gpus {args.gpus}: expected 0 (the CPU) or more")
+        raise RunError(f"--gpus {args.gpus}: expected 0 (the CPU) or more")
     spawning = args.gpus > 1 and "RANK" not in os.environ
     if spawning and args.device == "cuda" and torch.cuda.device_count() < args.gpus:
-        raise data.DataError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+        raise RunError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
                              f"expected at most that many")
     if spawning and args.device == "cpu" and "device" not in args.given:  # not N CPU processes by accident
-        raise data.DataError(f"--gpus {args.gpus}: this machine has no CUDA GPU; expected --gpus 1, or --device cpu "
+        raise RunError(f"--gpus {args.gpus}: this machine has no CUDA GPU; expected --gpus 1, or --device cpu "
                              f"--gpus {args.gpus} to try the distributed path in CPU processes")
     if spawning and not args.resume:  # before the processes start (a resumed run's are checked by each of them)
         check_settings({key: getattr(args, key) for key in vars(args)}, args.gpus, args.device)
@@ -228,11 +236,13 @@ def torchvision_weights(spec, arch, flag):
     """The state dict that `flag` names: 'imagenet' (downloaded through torchvision's weights API) or a file saved
     with torch.save. A missing file or a failed download (no internet, say) is a one-line error."""
     if spec != "imagenet" and not os.path.isfile(spec):
-        raise data.DataError(f"{flag} {spec}: no such file (expected imagenet, none or a path)")
+        raise RunError(f"{flag} {spec}: no such file (expected imagenet, none or a path)")
     try:
         return torchvision_state_dict(True if spec == "imagenet" else spec, arch)
+    except ValueError as error:  # not a state dict that torch.load reads safely
+        raise RunError(f"{flag} {error}") from None
     except urllib.error.URLError as error:
-        raise data.DataError(f"{flag} imagenet: could not download torchvision's {arch} weights ({error.reason}); "
+        raise RunError(f"{flag} imagenet: could not download torchvision's {arch} weights ({error.reason}); "
                              f"fetch them once where there is internet (torch keeps them in "
                              f"{torch.hub.get_dir()}/checkpoints), or give {flag} a PATH to a state dict, or none")
 
@@ -241,18 +251,25 @@ def build_networks(cfg):
     """Student S (DeepLabV3+), Swin-UNet teacher G and ResUNet teacher L as the config describes (None if unused)."""
     def weights(key, arch):  # cfg[key] is imagenet, none or a path
         return None if cfg[key] == "none" else torchvision_weights(cfg[key], arch, "--" + key.replace("_", "-"))
-    student, swin, res = build_student(cfg, weights("pretrained", cfg["backbone"]) or False), None, None
+
+    def loaded(key, load):  # weights of another network or width: one line naming the flag
+        try:
+            return load()
+        except ValueError as error:
+            raise RunError(f"--{key.replace('_', '-')} {cfg[key]}: {error}") from None
+    student = loaded("pretrained", lambda: build_student(cfg, weights("pretrained", cfg["backbone"]) or False))
+    swin = res = None
     if cfg["teachers"] in ("swin", "both"):
         heads = tuple(max(1, cfg["swin_dim"] * 2 ** i // 32) for i in range(4))  # 32 channels a head, as Swin-T
         swin = SwinUNet(cfg["num_classes"], embed_dim=cfg["swin_dim"], depths=tuple(cfg["swin_depths"]),
                         num_heads=heads)
         if cfg["pretrained_swin"] != "none":
-            swin.load_torchvision_swin(weights("pretrained_swin", "swin_t"))
+            loaded("pretrained_swin", lambda: swin.load_torchvision_swin(weights("pretrained_swin", "swin_t")))
     if cfg["teachers"] in ("res", "both"):
         w = cfg["res_width"]
         res = ResUNet(cfg["num_classes"], widths=(w, 2 * w, 4 * w, 8 * w))
         if cfg["pretrained_res"] != "none":
-            res.load_torchvision_resnet(weights("pretrained_res", "resnet34"))
+            loaded("pretrained_res", lambda: res.load_torchvision_resnet(weights("pretrained_res", "resnet34")))
     return student, swin, res
 
 
@@ -307,6 +324,32 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
 
 
+def lock_run_dir(out):
+    """Hold an exclusive lock on OUT/train.lock while this process lives (the system drops it when the process
+    ends, however it ends), so that a second train.py into the same --out is refused instead of interleaving."""
+    handle = open(out / "train.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        raise RunError(f"--out {out} is in use by another train.py (pid {handle.read().strip() or '?'}); expected a "
+                       f"run directory of its own: pick another --out (a seed of its own, say)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD_LOCKS.append(handle)
+
+
+_HELD_LOCKS = []  # open lock files: kept referenced so that their locks last as long as the run
+
+
+def release_run_dirs():
+    """Let go of every run directory this process holds (at the end of a run: tests run several in one process)."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().close()
+
+
 def write_file(path, text):
     try:
         Path(path).write_text(text)
@@ -317,7 +360,7 @@ def write_file(path, text):
 def write_error(path, error):
     """The one-line error for a failed write: the file and the cause (such as "no space left on device")."""
     cause = (error.strerror or str(error)).lower() if isinstance(error, OSError) else str(error)
-    return data.DataError(f"cannot write {path}: {cause}; expected a writable folder with free space (any previous "
+    return RunError(f"cannot write {path}: {cause}; expected a writable folder with free space (any previous "
                           f"{Path(path).name} is kept: free some space, then continue with --resume)")
 
 
@@ -500,7 +543,7 @@ class Trainer:
         name = next((name for name, value in losses.items() if not torch.isfinite(value)), "the total loss")
         self.nonfinite, self.nonfinite_in_a_row = f"loss_{name}", self.nonfinite_in_a_row + 1
         if self.nonfinite_in_a_row >= NONFINITE_LIMIT:
-            raise data.DataError(f"{self.nonfinite} was {float(losses.get(name, loss).detach()):.4g} at {stage} step "
+            raise RunError(f"{self.nonfinite} was {float(losses.get(name, loss).detach()):.4g} at {stage} step "
                                  f"{self.steps[stage] + 1} and in the {NONFINITE_LIMIT - 1} steps before: the run "
                                  f"diverged and stopped (latest.pt keeps the last finished epoch); expected finite "
                                  f"losses: lower --lr or --swin-lr, or --amp off")
@@ -522,23 +565,22 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------ the loop
 def build_data(cfg, rank, world):
-    """The datasets. Rank 0 checks the data (every file's header, so a broken image costs no training time) and
-    writes the split lists first; the others then read them."""
-    build = lambda: data.build_datasets(cfg["dataset"], cfg["data_root"], split=cfg["split"],
-                                        splits_dir=cfg["splits_dir"], crop_size=cfg["crop_size"], seed=cfg["seed"])
+    """The datasets. Rank 0 checks the data (every image's header, every labeled and val mask's ids, so a broken
+    file costs no training time) and then writes the split lists; the others read them."""
+    build = lambda check: data.build_datasets(cfg["dataset"], cfg["data_root"], split=cfg["split"],
+                                              splits_dir=cfg["splits_dir"], crop_size=cfg["crop_size"],
+                                              seed=cfg["seed"], check=check)
     datasets, problem = None, [None]
     if rank == 0:
         try:
-            datasets = build()
-            for dataset in datasets[:3]:
-                data.check_headers(dataset)
+            datasets = build(True)  # every header and every labeled and val mask, before a split list is written
         except data.DataError as error:
             problem = [str(error)]
     if world > 1:  # every rank learns whether rank 0 succeeded, so none waits forever
         dist.broadcast_object_list(problem, src=0)
     if problem[0]:
         raise data.DataError(problem[0])
-    return datasets or build()
+    return datasets or build(False)
 
 
 @dataclass
@@ -570,7 +612,16 @@ def train(args, rank, world, stop):
     device = args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     if is_main:
         require_writable_dir(out, "--out")
+        lock_run_dir(out)
+        if cfg["dataset"] in ("folder", "voc", "cityscapes"):  # where split lists are drawn and written
+            require_writable_dir(Path(cfg["splits_dir"]), "--splits-dir")
     labeled_set, unlabeled_set, val_set, info = build_data(cfg, rank, world)
+    if checkpoint is not None and cfg["class_names"] != info.class_names:
+        names = lambda classes: ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+        raise RunError(f"--resume: the run in {out} trained on {len(cfg['class_names'])} classes "
+                       f"({names(cfg['class_names'])}), the data now has {info.num_classes} ({names(info.class_names)}: "
+                       f"classes.txt changed?); expected the classes it trained on: restore classes.txt, or start a "
+                       f"new --out")
     cfg.update(num_classes=info.num_classes, class_names=info.class_names, palette=[list(c) for c in info.palette])
     iters = iterations_per_epoch(cfg, len(unlabeled_set))
     cfg["cps_rampup_iters"] = round(cfg["cps_rampup"] * iters)
@@ -601,7 +652,14 @@ def train(args, rank, world, stop):
         record = epoch_record(trainer, stage, epoch, iters, tally)
         # evaluation every eval_every epochs and at the end of each stage; best.pt holds the best student
         if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 in (teacher_epochs, total_epochs):
-            record |= evaluate_all(trainer, val_set, info, stage, out / "vis" / f"epoch_{epoch + 1:03d}.png")
+            scores = evaluate_all(trainer, val_set, info, stage, out / "vis" / f"epoch_{epoch + 1:03d}.png", stop)
+            if scores is None:  # a signal during the evaluation: keep the trained epoch; --resume evaluates it
+                if is_main:
+                    save_atomic(run_state(trainer, epoch, iters, best_miou, tally, teacher_epochs), out / "latest.pt")
+                    print(f"\nstopped by signal {stop['signal']} during the evaluation of epoch {epoch + 1}; saved "
+                          f"{out / 'latest.pt'}; continue with --resume --out {out}")
+                return {"signal": stop["signal"]}
+            record |= scores
             if stage == "student" and record["miou_student"] > best_miou:
                 best_miou = record["miou_student"]
                 if is_main:
@@ -617,9 +675,10 @@ def train(args, rank, world, stop):
 
 
 # --resume continues a run with its saved settings. A flag that differs from them is refused, except these: they
-# change how a run goes (how many loader processes, how often it is scored), never what it trains. --device and
-# --gpus are not settings of a run: a run may continue on another machine.
-RESUME_MAY_CHANGE = ("workers", "eval_every")
+# change how a run goes (how many loader processes, how often it is scored) or where its data lies on this machine,
+# never what it trains (the split lists and the classes are checked against the run). --device and --gpus are not
+# settings of a run: a run may continue on another machine.
+RESUME_MAY_CHANGE = ("workers", "eval_every", "data_root", "splits_dir")
 RESUME_KEYS = ("trainer", "config", "epoch", "step", "best_miou")
 NONFINITE_LIMIT = 20  # steps in a row with a NaN or inf loss (each skipped) after which a run stops
 
@@ -631,18 +690,30 @@ def run_config(args, world):
     cfg = {key: value for key, value in vars(args).items() if key not in ("resume", "device", "gpus", "given")}
     if not args.resume:
         if latest.is_file():
-            raise data.DataError(f"--out {out} already holds a run: add --resume to continue it, or pick a new --out")
+            raise RunError(f"--out {out} already holds a run: add --resume to continue it, or pick a new --out")
         check_settings(cfg, world, args.device)
+        if cfg["amp"] == "bf16" and not native_bf16(args.device):
+            raise RunError(f"--amp bf16: this {args.device} has no native bf16 (a CPU needs AVX-512 BF16 or "
+                                 f"AMX) and would emulate it, many times slower than fp32; expected --amp off, the "
+                                 f"default here")
         return cfg, None
     if not latest.is_file():
-        raise data.DataError(f"--resume: {latest} does not exist (start without --resume, or name the --out)")
+        raise RunError(f"--resume: {latest} does not exist (start without --resume, or name the --out)")
     checkpoint = read_checkpoint(latest, "--resume", RESUME_KEYS, "the latest.pt of a train.py run (best.pt holds "
                                  "the student alone)")
     saved = checkpoint["config"]
+    if saved["amp"] == "bf16" and not native_bf16(args.device):  # continue in fp32 rather than emulated bf16
+        if not ("amp" in args.given and cfg["amp"] == "off"):
+            raise RunError(f"--resume: the run in {out} trained in bf16, which this {args.device} only "
+                                 f"emulates, many times slower; add --amp off to continue it in fp32 (then it is no "
+                                 f"longer bit for bit the straight run), or resume where bf16 is native")
+        print(f"note: --amp off: the run in {out} trained in bf16 so far and continues in fp32 from here, so it is "
+              f"no longer bit for bit the straight run")
+        saved = saved | {"amp": "off"}
     for key in sorted(args.given & set(cfg) - set(RESUME_MAY_CHANGE) - {"out"}):
         if cfg[key] != saved.get(key):
             flag = "--" + key.replace("_", "-")
-            raise data.DataError(f"--resume: the run in {out} has {flag} {saved.get(key)}, this command {cfg[key]}; "
+            raise RunError(f"--resume: the run in {out} has {flag} {saved.get(key)}, this command {cfg[key]}; "
                                  f"drop {flag} to continue it as it was, or start a new --out (a resumed run may "
                                  f"change only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)})")
     cfg = saved | {key: cfg[key] for key in args.given & set(RESUME_MAY_CHANGE)}
@@ -654,7 +725,7 @@ def iterations_per_epoch(cfg, num_unlabeled):
     """An epoch is one pass over the unlabeled set (the labeled set is cycled to its length), or max_iters."""
     iters = num_unlabeled // cfg["batch_size"]
     if iters == 0:
-        raise data.DataError(f"--batch-size {cfg['batch_size']} exceeds the {num_unlabeled} unlabeled images")
+        raise RunError(f"--batch-size {cfg['batch_size']} exceeds the {num_unlabeled} unlabeled images")
     return min(iters, cfg["max_iters"]) if cfg["max_iters"] else iters
 
 
@@ -667,7 +738,7 @@ def start_point(trainer, checkpoint, teacher_epochs, out, is_main):
         try:
             trainer.load_state_dict(checkpoint["trainer"])
         except (RuntimeError, KeyError, ValueError, AttributeError) as error:
-            raise data.DataError(f"--resume: {out / 'latest.pt'} does not fit its own config ({one_line(error)[:150]}"
+            raise RunError(f"--resume: {out / 'latest.pt'} does not fit its own config ({one_line(error)[:150]}"
                                  f"); expected the file as train.py wrote it") from None
         saved = checkpoint.get("tally") or {}
         start = (checkpoint["epoch"], checkpoint["step"], checkpoint["best_miou"], Tally(**saved))
@@ -754,7 +825,7 @@ def require_finite_weights(trainer, epoch, out):
         model = getattr(trainer, name)
         tensors = [] if model is None else [t for t in model.state_dict().values() if t.is_floating_point()]
         if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
-            raise data.DataError(f"the {name} weights hold NaN or inf after epoch {epoch + 1} (the run diverged); "
+            raise RunError(f"the {name} weights hold NaN or inf after epoch {epoch + 1} (the run diverged); "
                                  f"they are not saved ({out / 'latest.pt'}, if any, keeps the epoch before); expected "
                                  f"finite weights: lower --lr or --swin-lr")
 
@@ -814,23 +885,23 @@ def adopt_teachers(trainer, cfg, run_dir):
     end of stage 1, after checking that its stage 1 is the one this run would train. Returns its stage-1 log."""
     source = Path(run_dir) / "latest.pt"
     if not source.is_file():
-        raise data.DataError(f"--teachers-from {run_dir}: no latest.pt there (expected a run directory)")
+        raise RunError(f"--teachers-from {run_dir}: no latest.pt there (expected a run directory)")
     state = read_checkpoint(source, "--teachers-from", RESUME_KEYS, "the latest.pt of a train.py run")
     theirs = state["config"]
     if cfg["teachers"] in ("none", "ema") or cfg["teacher_epochs"] == 0:
-        raise data.DataError("--teachers-from needs teachers (--teachers both|swin|res and --teacher-epochs > 0)")
+        raise RunError("--teachers-from needs teachers (--teachers both|swin|res and --teacher-epochs > 0)")
     ignored = NOT_STAGE_1 | ({"student_epochs"} if cfg["freeze_teachers"] else set())
     for key in sorted(set(cfg) | set(theirs)):
         if key not in ignored and cfg.get(key) != theirs.get(key):
             flag = "--" + key.replace("_", "-")
-            raise data.DataError(f"--teachers-from {run_dir}: its stage 1 had {flag} {theirs.get(key)}, this run "
+            raise RunError(f"--teachers-from {run_dir}: its stage 1 had {flag} {theirs.get(key)}, this run "
                                  f"{cfg.get(key)}; expected the same (only the student's losses and epochs may differ)")
     finished = state["epoch"] > cfg["teacher_epochs"] or (state["epoch"] == cfg["teacher_epochs"] and state["step"] == 0)
     if not finished:
-        raise data.DataError(f"--teachers-from {run_dir}: its stage 1 is not over (epoch {state['epoch']} of "
+        raise RunError(f"--teachers-from {run_dir}: its stage 1 is not over (epoch {state['epoch']} of "
                              f"{cfg['teacher_epochs']}); finish it with --resume first")
     if not cfg["freeze_teachers"] and state["epoch"] != cfg["teacher_epochs"]:
-        raise data.DataError(f"--teachers-from {run_dir}: its teachers trained on in stage 2, so they are no longer "
+        raise RunError(f"--teachers-from {run_dir}: its teachers trained on in stage 2, so they are no longer "
                              "those of the end of stage 1 (it would work with --freeze-teachers)")
     try:
         for name in ("swin", "res", "swin_ema", "res_ema", "opt_swin", "opt_res", "scaler_teachers"):
@@ -838,7 +909,7 @@ def adopt_teachers(trainer, cfg, run_dir):
                 getattr(trainer, name).load_state_dict(state["trainer"][name])
         trainer.steps["teachers"] = state["trainer"]["steps"]["teachers"]
     except (RuntimeError, KeyError, ValueError, AttributeError) as error:
-        raise data.DataError(f"--teachers-from {source}: does not fit its own config ({one_line(error)[:150]}); "
+        raise RunError(f"--teachers-from {source}: does not fit its own config ({one_line(error)[:150]}); "
                              f"expected the file as train.py wrote it") from None
     log = Path(run_dir) / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
@@ -846,8 +917,10 @@ def adopt_teachers(trainer, cfg, run_dir):
 
 
 @torch.no_grad()
-def evaluate_all(trainer, val_set, info, stage, panel_path):
-    """mIoU of the EMA teachers (and the student in stage 2), and a picture: image | truth | G | L | S."""
+def evaluate_all(trainer, val_set, info, stage, panel_path, stop):
+    """mIoU of the EMA teachers (and the student in stage 2), and a picture: image | truth | G | L | S. None if a
+    signal asked the run to stop meanwhile (one process: a scheduler's grace period is shorter than an evaluation;
+    under DDP the ranks finish it together)."""
     cfg, device = trainer.cfg, trainer.device
     models = {"swin": trainer.swin_ema if trainer.uses("swin") else None,
               "res": trainer.res_ema if trainer.uses("res") else None,
@@ -861,7 +934,10 @@ def evaluate_all(trainer, val_set, info, stage, panel_path):
             # the weights of rank 0 on every rank, so the reported mIoU belongs to the saved checkpoint.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        result = evaluate(model, val_set, info.num_classes, device, amp_dtype=trainer.amp_dtype, **inference)
+        result = evaluate(model, val_set, info.num_classes, device, amp_dtype=trainer.amp_dtype,
+                          stop=(lambda: stop["signal"]) if trainer.world == 1 else None, **inference)
+        if result is None:
+            return None
         record[f"miou_{name}"] = result["miou"]
     if trainer.rank == 0:
         rows = prediction_rows(list(models.values()), val_set, info, device, count=3, **inference)
@@ -879,7 +955,7 @@ def main(argv=None):
         args = parse_args(argv)
         check_hardware(args)
         result = spawn(args) if args.gpus > 1 and "RANK" not in os.environ else run(args)
-    except data.DataError as error:
+    except (data.DataError, RunError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     if result.get("signal"):  # stopped by a signal with the state saved: exit as that signal asks
@@ -903,6 +979,7 @@ def run(args):
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
+        release_run_dirs()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
 
@@ -913,7 +990,7 @@ def worker(rank, args, world, port):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         run(args)
-    except data.DataError as error:
+    except (data.DataError, RunError) as error:
         if rank == 0:
             print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)

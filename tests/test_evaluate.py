@@ -1,14 +1,24 @@
-"""Evaluation claims: the mIoU arithmetic, sliding-window inference, and distributed counting."""
+"""Evaluation claims: the mIoU arithmetic, sliding-window inference, distributed counting, and the command line's
+checks of its flags and folders (each mistake one line, before the checkpoint or any image is read where it can be)."""
 import math
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
+import evaluate as evaluate_cli
+from data import DataError
 from evaluate import confusion_matrix, evaluate, iou_per_class, predict, sliding_window
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_miou_matches_a_confusion_matrix_worked_out_by_hand():
@@ -99,3 +109,95 @@ def test_miou_over_2_processes_equals_miou_in_1():
     miou, confusion = queue.get()
     assert confusion == single["confusion"].tolist()           # every image counted exactly once
     assert miou == single["miou"]
+
+
+# ------------------------------------------------------------------------------------------ the command line's checks
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A best.pt as train.py writes one: an untrained 3-class student and the config that builds it."""
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    config = {"dataset": "folder", "num_classes": 3, "backbone": "resnet18", "output_stride": 16,
+              "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]], "class_names": ["a", "b", "c"]}
+    torch.manual_seed(0)
+    torch.save({"config": config, "student": evaluate_cli.build_student(config).state_dict()}, path)
+    return path
+
+
+def save_photos(folder, names, size=(24, 20)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, name in enumerate(names):
+        pixels = np.random.default_rng(n).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def refused(argv, *words):
+    """evaluate.main(argv) raises the one-line DataError the command line prints, holding each of `words`."""
+    with pytest.raises(DataError) as caught:
+        evaluate_cli.main(argv)
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert str(word) in message, message
+    return message
+
+
+def test_images_of_one_name_are_refused_naming_both_before_any_prediction(checkpoint, tmp_path):
+    photos = save_photos(tmp_path / "photos", ["photo.png", "photo.jpg", "other.png"])
+    out = tmp_path / "predictions"
+    refused(["--checkpoint", str(checkpoint), "--device", "cpu", "--images", str(photos), "--save-vis", str(out)],
+            "photo.jpg", "photo.png", out / "photo.png", "one image per name")
+    assert not out.exists()
+    (photos / "photo.jpg").unlink()
+    evaluate_cli.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--images", str(photos), "--save-vis",
+                       str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["other.png", "photo.png"]
+
+
+def test_predictions_never_overwrite_the_images(checkpoint, tmp_path):
+    photos = save_photos(tmp_path / "photos", ["photo.png"])
+    before = (photos / "photo.png").read_bytes()
+    refused(["--checkpoint", str(checkpoint), "--device", "cpu", "--images", str(photos), "--save-vis", str(photos)],
+            "--save-vis", "is the --images folder", "another folder")
+    assert (photos / "photo.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, bad", [(["--window", "0"], "--window 0"), (["--stride", "0"], "--stride 0"),
+                                        (["--stride", "-3"], "--stride -3"), (["--scales", "0"], "--scales 0.0"),
+                                        (["--scales", "1", "nan"], "--scales nan"), (["--scales", "100"],
+                                                                                     "--scales 100.0"),
+                                        (["--workers", "-1"], "--workers -1")])
+def test_a_bad_number_is_one_line_before_the_checkpoint_is_read(tmp_path, flags, bad):
+    refused(["--checkpoint", str(tmp_path / "missing.pt"), "--device", "cpu", *flags], f"{bad}: expected")
+
+
+def test_a_stride_longer_than_the_window_is_refused(checkpoint, tmp_path):
+    photos = save_photos(tmp_path / "photos", ["photo.png"], size=(64, 48))
+    refused(["--checkpoint", str(checkpoint), "--device", "cpu", "--images", str(photos), "--save-vis",
+             str(tmp_path / "out"), "--mode", "sliding", "--window", "16", "--stride", "32"],
+            "--stride 32: expected at most the window, 16")
+
+
+def test_a_folder_flag_naming_a_file_or_a_checkpoint_naming_a_folder_is_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    missing = str(tmp_path / "missing.pt")
+    refused(["--checkpoint", str(tmp_path), "--device", "cpu"], "--checkpoint", "is a folder", "best.pt")
+    refused(["--checkpoint", missing, "--device", "cpu", "--save-vis", str(tmp_path / "a_file")], "--save-vis",
+            "it is a file")
+    refused(["--checkpoint", missing, "--device", "cpu", "--images", str(tmp_path / "a_file")], "--images",
+            "expected a folder holding images")
+
+
+def test_the_command_line_prints_a_bad_flag_in_one_line():
+    result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", "x.pt", "--window", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: --window 0: expected 1 or more"]
+
+
+def test_val_masks_that_label_no_pixel_are_refused_before_the_evaluation(checkpoint, tmp_path):
+    for n in range(2):
+        save_photos(tmp_path / "data" / "images" / "val", [f"v{n}.png"])
+        (tmp_path / "data" / "masks" / "val").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 24), 255, dtype=np.uint8)).save(tmp_path / "data" / "masks" / "val" / f"v{n}.png")
+    refused(["--checkpoint", str(checkpoint), "--device", "cpu", "--workers", "0", "--data-root",
+             str(tmp_path / "data")], "the 2 val masks", "label no pixel")

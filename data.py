@@ -367,19 +367,29 @@ def epoch_indices(num_items, length, seed, epoch, rank, world):
 
 
 def loader(dataset, indices, batch_size, workers, device_type):
-    """Batches of `dataset` in the order `indices` gives (pinned memory for a GPU)."""
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                       num_workers=workers, drop_last=True, pin_memory=device_type == "cuda",
-                                       worker_init_fn=leave_stop_signals_to_the_main_process)
+    """Batches of `dataset` in the order `indices` gives (pinned memory for a GPU): an iterator whose loader workers
+    have started, each leaving SIGINT and SIGTERM to the main process (see `STOP_SIGNALS`)."""
+    batches = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                          num_workers=workers, drop_last=True, pin_memory=device_type == "cuda",
+                                          worker_init_fn=leave_stop_signals_to_the_main_process)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # held while the workers start
+    try:
+        return iter(batches)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a stop that arrived meanwhile reaches us now
+
+
+# A scheduler (or Ctrl-C) signals the whole process group. A loader worker that died of it would end the run before
+# the main process saves its state, so workers ignore these and the main process stops the run, then its workers.
+# A worker starts with them held (it inherits the mask, through a spawn's exec too: under --gpus N the workers are
+# spawned and take seconds to import), so one that arrives during its start-up is dropped, not fatal.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def leave_stop_signals_to_the_main_process(worker_id):
-    """A loader worker ignores SIGINT and SIGTERM: a scheduler (or Ctrl-C) signals the whole process group, and a
-    worker that died of it would end the run before the main process saves its state; the main process stops the
-    run, then its workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 # ------------------------------------------------------------------------------------------- synthetic scenes

@@ -46,6 +46,7 @@ import signal
 import sys
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,6 +89,34 @@ SYNTHETIC_COLORS = np.array([[128, 128, 118], [185, 85, 70], [75, 100, 175], [17
 class DataError(Exception):
     """A user's mistake in the data or the flags; str() is one line naming the path or value and what was
     expected. The command lines print it as `error: ...` and exit 2."""
+
+
+# A user's mistake is one line, in both command lines (train.py, evaluate.py). These helpers live beside DataError
+# because they raise it or print it, and both command lines (and bench/) import data.py already; none of them is
+# about evaluation.
+def one_line(error):
+    """A DataError's message; one raised in a DataLoader worker arrives wrapped in the worker's traceback text."""
+    return " ".join(str(error).strip().splitlines()[-1:]).removeprefix("data.DataError: ")
+
+
+def require_device(device):
+    """Both command lines check --device before any data is read."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA GPU is visible to torch here; expected --device cpu")
+
+
+def require_writable_dir(path, flag):
+    """Create `path` and write a file there now, so that an unwritable folder is found before the work, not after."""
+    if Path(path).is_file():
+        raise DataError(f"{flag} {path}: cannot write there, it is a file; expected a folder")
+    probe = Path(path) / ".write_test"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"{flag} {path}: cannot write there ({error.strerror or error}); expected a writable "
+                        f"folder") from None
 
 
 @dataclass

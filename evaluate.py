@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+from data import one_line, require_device, require_writable_dir
 from models import build_model, load_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -216,31 +217,6 @@ def memory_format(config):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def one_line(error):
-    """A DataError's message; one raised in a DataLoader worker arrives wrapped in the worker's traceback text."""
-    return " ".join(str(error).strip().splitlines()[-1:]).removeprefix("data.DataError: ")
-
-
-def require_device(device):
-    """Both command lines check --device before any data is read."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise data.DataError("--device cuda: no CUDA GPU is visible to torch here; expected --device cpu")
-
-
-def require_writable_dir(path, flag):
-    """Create `path` and write a file there now, so that an unwritable folder is found before the work, not after."""
-    if Path(path).is_file():
-        raise data.DataError(f"{flag} {path}: cannot write there, it is a file; expected a folder")
-    probe = Path(path) / ".write_test"
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise data.DataError(f"{flag} {path}: cannot write there ({error.strerror or error}); expected a writable "
-                             f"folder") from None
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a trained IGL-DT student, or segment a folder of images.")
     parser.add_argument("--checkpoint", required=True, help="best.pt or latest.pt written by train.py")

@@ -12,20 +12,22 @@ Notation used in every docstring:
 The student objective assembled in train.py is
     L = L_l + lambda_u * (L_pl + lambda_dis * L_dis + lambda_glo * L_glo + lambda_loc * L_loc)
 and the teachers' objective (both stages) is
-    L_T = sup(G) + sup(L) + lambda_cps * L_cps.
+    L_T = sup(G) + sup(L) + lambda_cps * ramp * L_cps   (ramp: 0 to 1 over the first cps_rampup epochs).
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = 255
 
 
-def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=100_000):
+def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=None):
     """Supervised cross-entropy, L_l = CE(logits, y), pixels labelled 255 ignored.
 
-    logits (B, K, H, W), target (B, H, W) long. With `ohem_threshold` (Cityscapes: 0.7) only the hard pixels
-    are kept: those whose true-class probability is below the threshold, and at least `ohem_min_kept` of the
-    hardest ones, as in the OHEM loss of the Cityscapes recipes of CPS and UniMatch.
+    logits (B, K, H, W), target (B, H, W) long. With `ohem_threshold` (train.py's table: ohem_threshold,
+    ohem_min_kept) only the hard pixels are kept: those whose true-class probability is below the threshold, and at
+    least `ohem_min_kept` of the hardest ones, as in the OHEM loss of the Cityscapes recipes of CPS and UniMatch.
     """
     logits = logits.float()
     if ohem_threshold is None:
@@ -42,13 +44,20 @@ def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=100_000):
     return pixel_loss[hard].mean()
 
 
-def _class_max(scores):
-    """scores.max(dim=1) over the classes of a (B, K, H, W) map: (values, indices), the first class on a tie.
+def class_max(scores):
+    """The top class of each pixel and its score: (values, indices), (B, H, W) each, from (B, K, H, W) scores; the
+    first class on a tie."""
+    return scores.max(dim=1)
 
-    The same result as torch.max, built from amax and a comparison: on a CPU, max with indices (and argmax) over
-    a strided class axis is several times slower than amax. Each class is weighted K - k where it holds the
-    maximum, so the largest weight names the first such class. Where a pixel's scores hold a NaN the index is
-    K - 1 (torch.max names the NaN's class): a valid label either way, and the NaN reaches the loss."""
+
+def fast_class_max(scores):
+    """Equivalent to `class_max` (scores.max(dim=1)), built from amax and a comparison: on a CPU, max with indices
+    (and argmax) over a strided class axis is much slower than amax, and the targets take it three times a step.
+    tests/test_losses.py holds the two equal, ties included.
+
+    Each class is weighted K - k where it holds the maximum, so the largest weight names the first such class.
+    Where a pixel's scores hold a NaN the index is K - 1 (torch.max names the NaN's class): a valid label either
+    way, and the NaN reaches the loss."""
     values = scores.amax(dim=1, keepdim=True)
     k = scores.shape[1]
     weights = torch.arange(k, 0, -1, device=scores.device, dtype=torch.uint8 if k < 256 else torch.int64)
@@ -58,7 +67,7 @@ def _class_max(scores):
 
 def _hard_labels(probs_or_logits, ignore):
     """argmax over classes, with ignored pixels set to 255 so CE skips them. (B, K, H, W) -> (B, H, W)."""
-    _, labels = _class_max(probs_or_logits.detach())
+    _, labels = fast_class_max(probs_or_logits.detach())
     return labels.masked_fill(ignore, IGNORE_INDEX)
 
 
@@ -119,32 +128,37 @@ def local_regional_loss(logits_s, probs_l, ignore, region=32):
     return ((r_student - r_res).abs() * regions_used).sum() / num_terms.clamp(min=1.0)
 
 
+class TeacherTargets(NamedTuple):
+    """The per-pixel targets of `dual_teacher_targets`, (B, H, W) each."""
+    agreed: torch.Tensor    # long, 255 outside the kept agreed pixels: L_pl's target
+    disputed: torch.Tensor  # long, 255 outside the disputed pixels: L_dis's target
+    weight: torch.Tensor    # fp32, the chosen teacher's confidence at each disputed pixel (0 elsewhere): L_dis's weight
+
+
 def dual_teacher_targets(probs_g, probs_l, ignore, threshold):
-    """Per-pixel targets from two teachers, the rule shared by `pseudo_label_loss` and `discrepancy_loss`.
+    """Per-pixel targets from two teachers, computed once a step and shared by `pseudo_label_loss` and
+    `discrepancy_loss`.
 
     Where the teachers agree (same argmax): target = argmax((p_G + p_L) / 2), kept where that mean confidence
     is >= threshold. Where they disagree: target = argmax of the teacher that is more confident at that pixel,
     weighted by that teacher's confidence (no threshold: the weight already scales an unsure target down,
-    and a 0.95 threshold would remove nearly every disputed pixel).
+    and a high threshold would remove nearly every disputed pixel).
 
-    probs_g, probs_l (B, K, H, W), ignore (B, H, W). Returns
-        agreed_target    (B, H, W) long, 255 outside the kept agreed pixels
-        disputed_target  (B, H, W) long, 255 outside the disputed pixels
-        disputed_weight  (B, H, W) fp32, the chosen teacher's confidence (0 elsewhere)
+    probs_g, probs_l (B, K, H, W), ignore (B, H, W). Returns TeacherTargets(agreed, disputed, weight).
     """
     probs_g, probs_l = probs_g.detach().float(), probs_l.detach().float()
-    conf_g, label_g = _class_max(probs_g)
-    conf_l, label_l = _class_max(probs_l)
+    conf_g, label_g = fast_class_max(probs_g)
+    conf_l, label_l = fast_class_max(probs_l)
     agree = (label_g == label_l) & ~ignore
     disagree = (label_g != label_l) & ~ignore
 
-    conf_mean, label_mean = _class_max((probs_g + probs_l) / 2)
+    conf_mean, label_mean = fast_class_max((probs_g + probs_l) / 2)
     agreed_target = label_mean.masked_fill(~(agree & (conf_mean >= threshold)), IGNORE_INDEX)
 
     swin_is_surer = conf_g >= conf_l
     disputed_target = torch.where(swin_is_surer, label_g, label_l).masked_fill(~disagree, IGNORE_INDEX)
     disputed_weight = torch.where(swin_is_surer, conf_g, conf_l) * disagree
-    return agreed_target, disputed_target, disputed_weight
+    return TeacherTargets(agreed_target, disputed_target, disputed_weight)
 
 
 def _mean_over_valid(pixel_loss, ignore):
@@ -153,26 +167,31 @@ def _mean_over_valid(pixel_loss, ignore):
     return pixel_loss.sum() / (~ignore).sum().clamp(min=1)
 
 
-def pseudo_label_loss(logits_s, probs_g, probs_l, ignore, threshold):
+def pseudo_label_loss(logits_s, probs_g, probs_l, ignore, threshold, targets=None):
     """L_pl: cross-entropy to the teachers' agreed, confident pseudo-label (see `dual_teacher_targets`).
 
         L_pl = (1 / |valid|) * sum_{agree, conf >= t} CE(p_S, argmax (p_G + p_L) / 2)
 
-    logits_s (B, K, H, W) on the strong view; probs_g, probs_l (B, K, H, W) on the weak view (mixed alike).
+    logits_s (B, K, H, W) on the strong view; probs_g, probs_l (B, K, H, W) on the weak view (mixed alike);
+    ignore (B, H, W). `targets`: `dual_teacher_targets(probs_g, probs_l, ignore, threshold)` where the caller has
+    them already (train.py computes them once a step, for L_pl, L_dis and its logged shares).
     """
-    target, _, _ = dual_teacher_targets(probs_g, probs_l, ignore, threshold)
-    pixel_loss = F.cross_entropy(logits_s.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
+    if targets is None:
+        targets = dual_teacher_targets(probs_g, probs_l, ignore, threshold)
+    pixel_loss = F.cross_entropy(logits_s.float(), targets.agreed, ignore_index=IGNORE_INDEX, reduction="none")
     return _mean_over_valid(pixel_loss, ignore)
 
 
-def discrepancy_loss(logits_s, probs_g, probs_l, ignore):
+def discrepancy_loss(logits_s, probs_g, probs_l, ignore, targets=None):
     """Discrepancy Learning (DL): where the teachers disagree, follow the one that is surer at that pixel.
 
         L_dis = (1 / |valid|) * sum_{disagree} c * CE(p_S, y),
         y = argmax p_T, c = max p_T, T = argmax over {G, L} of the teacher's confidence at the pixel
 
-    so the student relies on neither teacher by rule. Shapes as in `pseudo_label_loss`.
+    so the student relies on neither teacher by rule. Shapes and `targets` as in `pseudo_label_loss` (the disputed
+    targets do not depend on its threshold).
     """
-    _, target, weight = dual_teacher_targets(probs_g, probs_l, ignore, threshold=0.0)
-    pixel_loss = F.cross_entropy(logits_s.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-    return _mean_over_valid(weight * pixel_loss, ignore)
+    if targets is None:
+        targets = dual_teacher_targets(probs_g, probs_l, ignore, threshold=0.0)
+    pixel_loss = F.cross_entropy(logits_s.float(), targets.disputed, ignore_index=IGNORE_INDEX, reduction="none")
+    return _mean_over_valid(targets.weight * pixel_loss, ignore)

@@ -74,12 +74,19 @@ def shifted_window_mask(size, window, shift, device=None) -> torch.Tensor:
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v, each window's tokens attending to each other: (..., N, d) -> (..., N, d).
 
-    SDPA, except in bf16 or fp16 on a CPU: there, for windows of a few dozen tokens, its CPU kernels are slower
-    than oneDNN's low-precision batched products, and with a learned bias that needs a gradient it falls back to its unfused math path
-    (bench/speed.py --compare amp). The explicit form is the original Swin's under mixed precision: scores and
-    weights in the low precision, the softmax accumulating in fp32 inside its kernel."""
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    SDPA, except in bf16 or fp16 on a CPU, which takes `explicit_window_attention`, the same product written out."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return explicit_window_attention(q, k, v, bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def explicit_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Equivalent to F.scaled_dot_product_attention(q, k, v, attn_mask=bias), within the low precision's rounding
+    (tests/test_models.py holds them so). Used in bf16 or fp16 on a CPU: there, for windows of a few dozen tokens,
+    SDPA's CPU kernels are slower than oneDNN's low-precision batched products, and with a learned bias that needs
+    a gradient SDPA falls back to its unfused math path (bench/speed.py --compare amp). This is the original Swin's
+    form under mixed precision: scores and weights in the low precision, the softmax accumulating in fp32 inside its
+    kernel."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
     return scores.softmax(dim=-1) @ v
 

@@ -28,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
 import train  # noqa: E402
-from evaluate import confusion_matrix, iou_per_class, one_line  # noqa: E402
+from data import one_line  # noqa: E402
+from evaluate import confusion_matrix, iou_per_class  # noqa: E402
 from losses import dual_teacher_targets  # noqa: E402
 from bench.record import command, record  # noqa: E402
 

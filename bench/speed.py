@@ -133,9 +133,8 @@ def trainer_config(args, teachers):
     for key in ("resume", "device", "gpus"):
         cfg.pop(key)
     k = args.num_classes
-    # train.py sets cps_rampup_iters from the epoch length; the cost of a step does not depend on it.
     return cfg | dict(num_classes=k, class_names=[f"class{i}" for i in range(k)],
-                      palette=[list(c) for c in data.voc_palette(k)], cps_rampup_iters=0)
+                      palette=[list(c) for c in data.voc_palette(k)])
 
 
 def resident_mb():

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (IGNORE_INDEX, _class_max, cps_loss, discrepancy_loss, dual_teacher_targets, global_context_loss,
-                    local_regional_loss, pseudo_label_loss, sup_loss)
+from losses import (IGNORE_INDEX, class_max, cps_loss, discrepancy_loss, dual_teacher_targets, fast_class_max,
+                    global_context_loss, local_regional_loss, pseudo_label_loss, sup_loss)
 
 
 def random_logits(b=2, k=4, h=8, w=8, seed=0):
@@ -192,23 +192,35 @@ def test_no_loss_sends_gradient_into_a_teacher():
 
 
 @pytest.mark.parametrize("k, dtype", [(4, torch.float32), (11, torch.bfloat16), (300, torch.float32)])
-def test_class_max_is_torch_max_over_the_classes_first_class_on_ties(k, dtype):
-    """The targets' confidences and labels: `_class_max` stands in for torch.max(dim=1) on the hot path. Ties are
-    made on purpose (bf16 logits tie often); 300 classes take the wide-index path."""
+def test_fast_class_max_is_torch_max_over_the_classes_first_class_on_ties(k, dtype):
+    """The targets' confidences and labels: `fast_class_max` stands in for `class_max`, torch.max(dim=1), on the hot
+    path. Ties are made on purpose (bf16 logits tie often); 300 classes take the wide-index path."""
     scores = random_logits(k=k, seed=7).softmax(1).to(dtype)
     scores[0, k - 1] = scores[0].amax(0)  # class k - 1 ties the maximum at every pixel of image 0
     scores[1, 1:] = scores[1, 0]  # every class ties at every pixel of image 1: the first, 0, is the answer
-    values, indices = _class_max(scores)
-    expected_values, expected_indices = scores.max(dim=1)
+    values, indices = fast_class_max(scores)
+    expected_values, expected_indices = class_max(scores)  # scores.max(dim=1)
     assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
     assert (indices[1] == 0).all() and (indices[0] < k - 1).any()
 
 
-def test_class_max_gives_a_valid_label_where_the_scores_hold_a_nan():
+def test_fast_class_max_gives_a_valid_label_where_the_scores_hold_a_nan():
     scores = random_logits(seed=8).softmax(1)
     scores[0, 2, 3, 4] = float("nan")
-    values, indices = _class_max(scores)
+    values, indices = fast_class_max(scores)
     assert values[0, 3, 4].isnan() and 0 <= indices[0, 3, 4] < scores.shape[1]
     keep = torch.ones_like(indices, dtype=torch.bool)
     keep[0, 3, 4] = False
     assert torch.equal(indices[keep], scores.max(dim=1).indices[keep])
+
+
+def test_pl_and_dl_from_the_steps_targets_equal_their_own():
+    """train.py passes the step's `dual_teacher_targets` to both losses; computed inside, they give the same values."""
+    logits_s = random_logits(seed=20)
+    probs_g, probs_l = random_logits(seed=21).softmax(1), random_logits(seed=22).softmax(1)
+    ignore = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(23)) < 0.2
+    targets = dual_teacher_targets(probs_g, probs_l, ignore, threshold=0.4)
+    assert pseudo_label_loss(logits_s, probs_g, probs_l, ignore, 0.4, targets=targets) == \
+        pseudo_label_loss(logits_s, probs_g, probs_l, ignore, 0.4) > 0
+    assert discrepancy_loss(logits_s, probs_g, probs_l, ignore, targets=targets) == \
+        discrepancy_loss(logits_s, probs_g, probs_l, ignore) > 0

@@ -27,8 +27,7 @@ def tiny_config(teachers="both", **flags):
     cfg = vars(train.parse_args(argv))
     for key in ("resume", "device", "gpus"):
         cfg.pop(key)
-    return cfg | dict(num_classes=K, class_names=[f"c{i}" for i in range(K)], palette=[[0, 0, 0]] * K,
-                      cps_rampup_iters=0)
+    return cfg | dict(num_classes=K, class_names=[f"c{i}" for i in range(K)], palette=[[0, 0, 0]] * K)
 
 
 def train_steps(cfg, steps=3, rank=0, world=1):
@@ -82,8 +81,8 @@ def decisive_teachers(trainer):
     global_class = columns.expand(B, C, C)
     local_class = torch.where(torch.arange(C) < C // 2, columns, (columns + 1) % K).expand(B, C, C)
     logits = lambda classes, margin: margin * torch.nn.functional.one_hot(classes, K).permute(0, 3, 1, 2).float()
-    trainer.swin_teacher = lambda weak: logits(global_class, 6.0)
-    trainer.res_teacher = lambda weak: logits(local_class, 4.0)
+    trainer.swin_ema_call = lambda weak: logits(global_class, 6.0)
+    trainer.res_ema_call = lambda weak: logits(local_class, 4.0)
 
 
 def first_step_losses(amp):

@@ -94,7 +94,7 @@ def batch(tmp_path_factory):
 def tiny_trainer(*extra):
     """The Trainer of the TINY run with `extra`, before its first step."""
     cfg = vars(train.parse_args(TINY + list(extra)))
-    cfg.update(num_classes=len(data.SYNTHETIC_CLASSES), cps_rampup_iters=0)
+    cfg.update(num_classes=len(data.SYNTHETIC_CLASSES))
     return train.Trainer(cfg, rank=0, world=1, device="cpu")
 
 

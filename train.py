@@ -10,8 +10,9 @@ the paper's order), the loop (`train`), and under one banner at the end, run man
 --teachers-from, processes, signals, locks).
 """
 import argparse
-import fcntl
 import copy
+import fcntl
+import hashlib
 import itertools
 import json
 import math
@@ -473,8 +474,9 @@ def train(args, rank, world, stop):
             require_writable_dir(Path(cfg["splits_dir"]), "--splits-dir")
     labeled_set, unlabeled_set, val_set, info = build_data(cfg, rank, world)
     if checkpoint is not None:
-        require_same_classes(cfg, info, out)
-    cfg.update(num_classes=info.num_classes, class_names=info.class_names, palette=[list(c) for c in info.palette])
+        require_same_data(cfg, info, val_set, out)
+    cfg.update(num_classes=info.num_classes, class_names=info.class_names, palette=[list(c) for c in info.palette],
+               val_images=val_images(val_set))
     iters = iterations_per_epoch(cfg, len(unlabeled_set))
     trainer = Trainer(cfg, rank, world, device, iters)
     stage1_epochs = cfg["teacher_epochs"] if trainer.trains_teachers else 0  # none and ema have no stage 1
@@ -859,7 +861,8 @@ def start_point(trainer, checkpoint, stage1_epochs, out, is_main):
 
 # The two checkpoint files, written here and read by start_point, adopt_teachers and evaluate.load_student:
 #   latest.pt  {"trainer": Trainer.state_dict() (the networks by Trainer.STATE name, and "steps"), "config": the run's
-#               settings (the table's keys and flags, and the data's num_classes, class_names and palette),
+#               settings (the table's keys and flags, and the data's num_classes, class_names, palette and
+#               val_images),
 #               "epoch" and "step" where it stands, "best_miou", "tally" (the epoch's sums so far), "stage"}
 #   best.pt    {"student": its state dict, "config", "miou", "epoch"}: the best student alone, for evaluate.py
 # A checkpoint of an earlier train.py lacks the settings the table gained since: saved_config fills them in.
@@ -883,8 +886,21 @@ def saved_config(config):
     return DATASET_DEFAULTS.get(config["dataset"], {}) | config
 
 
-def require_same_classes(cfg, info, out):
-    """--resume: the data's classes must be those the run trained on."""
+def val_images(val_set):
+    """The val set by its images' names (a count and a digest): best.pt is the best student on one set."""
+    names = sorted(os.path.basename(str(image)) for image, _ in val_set.files)
+    return {"count": len(names), "sha1": hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]}
+
+
+def require_same_data(cfg, info, val_set, out):
+    """--resume: the data's classes must be those the run trained on, and its val images those best.pt was chosen
+    on (a run saved before val_images was recorded is not checked)."""
+    then, now = cfg.get("val_images"), val_images(val_set)
+    if then is not None and then != now:
+        raise RunError(f"--resume: the val images changed since the run in {out} began ({then['count']} images then, "
+                       f"{now['count']} now{', other names' if then['count'] == now['count'] else ''}), and best.pt "
+                       f"is the best student on the old set; expected the same val images: restore them, or start a "
+                       f"new --out")
     if cfg["class_names"] != info.class_names:
         names = lambda classes: ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
         raise RunError(f"--resume: the run in {out} trained on {len(cfg['class_names'])} classes "
@@ -898,7 +914,8 @@ def require_same_classes(cfg, info, out):
 # The student's architecture is compared all the same: it is built first from the seed, so it shapes the
 # teachers' initial weights.
 NOT_STAGE_1 = {"out", "teachers_from", "lambda_u", "lambda_dis", "lambda_glo", "lambda_loc", "threshold", "region",
-               "ohem", "ohem_threshold", "ohem_min_kept", "pretrained", "eval_every", "eval_mode", "eval_window", "workers"}
+               "ohem", "ohem_threshold", "ohem_min_kept", "pretrained", "eval_every", "eval_mode", "eval_window", "workers",
+               "val_images"}
 
 
 def adopt_teachers(trainer, cfg, run_dir):

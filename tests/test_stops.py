@@ -3,6 +3,7 @@ process group keeps the run, a stop during an evaluation keeps the trained epoch
 run-management mistakes of a resume are one line."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,18 @@ def test_a_resume_whose_classes_changed_names_them_in_one_line(tmp_path, monkeyp
     message = capsys.readouterr().err.strip()
     assert refused.value.code == 2 and message.startswith("error: --resume:") and "classes.txt" in message, message
     assert len(message.splitlines()) == 1
+
+
+def test_a_resume_whose_val_images_changed_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    # best.pt is the best student on the val set the run began with: images added before --resume would make it
+    # the best over two different sets.
+    root = make_folder(tmp_path / "data")
+    out, args = stopped_folder_run(tmp_path, monkeypatch, root)
+    for kind in ("images", "masks"):
+        shutil.copy(root / kind / "val" / "v0.png", root / kind / "val" / "v2.png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        train.main(args + ["--data-root", str(root), "--resume"])
+    message = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and message.startswith("error: --resume:") and "val" in message, message
+    assert "2 images" in message and "3 now" in message and len(message.splitlines()) == 1, message

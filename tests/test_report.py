@@ -3,7 +3,6 @@ bench/report.py makes of the committed records, every record has bench/record.py
 paired by seed, and a learning curve is drawn where its record says (standard library only, but the migration)."""
 import json
 import os
-import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -247,60 +246,3 @@ def test_check_fails_on_a_stale_figure(report, tmp_path, monkeypatch):
     figure = tmp_path / "quality_cpu_c" / "curves.svg"
     figure.write_text(figure.read_text().replace("20", "21"))
     assert report.main(["--check"]) == 1
-
-
-# ---- the migration of the former shapes ------------------------------------------------------------------------
-
-def test_a_folder_of_the_former_quality_py_gets_the_one_shape_and_its_curves(report, tmp_path):
-    migrate = bench_scripts.load("migrate")
-    folder = tmp_path / "quality_cpu_camvid_fp32_sup_e8"
-    command = (f"python train.py --dataset folder --data-root DATA --split 1/8 --splits-dir {folder}/splits --out "
-               f"{folder}/runs/supervised_s0 --seed 0 --amp off --student-epochs 8 --eval-every 4 "
-               "--student-epochs 8 --teachers none")
-    old = {"run": "supervised_s0", "variant": "supervised", "budget": "same-student-epochs", "seed": 0,
-           "miou_last": 41.5, "miou_dev": 38.25, "miou_best": 42.0, "miou_teachers_last": {"ema": 40.0},
-           "iou_per_class": {"sky": 90.0}, "pseudo_label_shares": [], "train_s": 100.0,
-           "images_per_s": {"teachers": None, "student": 9.0, "all": 9.0}, "iterations_per_epoch": 80,
-           "config": {"teachers": "none", "teacher_epochs": 3, "amp": "off", "out": f"{folder}/runs/supervised_s0"},
-           "cost_units": 8.0, "wall_s": 130.0, "resumed": False, "teachers_from": None, "command": command,
-           "commit": "abc1234", "machine": {"device": "AMD EPYC", "cpus": 2}}
-    write(folder, [old])
-    (folder / "summary.md").write_text("the former summary")
-    (folder / "runs" / "supervised_s0").mkdir(parents=True)
-    log = [{"stage": "student", "epoch": e, "seconds": 10.0, "images_per_s": 9.0} |
-           ({"miou_student": 30.0 + e + 0.123, "miou_ema": 29.0 + e} if e % 4 == 0 else {}) for e in range(1, 9)]
-    (folder / "runs" / "supervised_s0" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-
-    migrate.main([str(folder)])
-    once = (folder / "records.jsonl").read_text()
-    migrate.main([str(folder)])  # a second time changes nothing
-    assert (folder / "records.jsonl").read_text() == once and not (folder / "summary.md").exists()
-    [new] = report.read(folder / "records.jsonl")
-    assert set(new) == FIELDS and (new["question"], new["variant"], new["seed"]) == ("quality", "supervised", 0)
-    assert new["settings"] == {"split": "1/8", "amp": "off", "student_epochs": 8, "eval_every": 4,
-                               "budget": "same-student-epochs"}
-    assert {k: new["metrics"][k] for k in ("miou_val", "miou_dev", "miou_ema", "wall_s", "images_per_s_student")} \
-        == {"miou_val": 41.5, "miou_dev": 38.25, "miou_ema": 40.0, "wall_s": 130.0, "images_per_s_student": 9.0}
-    assert new["curve"] == [{"stage": "student", "epoch": 4, "miou_val": 34.12, "miou_ema": 33.0},
-                            {"stage": "student", "epoch": 8, "miou_val": 38.12, "miou_ema": 37.0}]
-    assert re.search(r"\| `supervised` \| 0 \| 41\.50 \| 38\.25 \| 2\.2 \|", "\n".join(report.section(
-        folder.name, [new])))
-
-
-def test_a_former_speed_record_becomes_a_record_per_kind_and_setting(tmp_path):
-    migrate = bench_scripts.load("migrate")
-    step = lambda seconds, amp: {"seconds_per_step": seconds, "peak_mem_mb": 100.0, "amp": amp, "compile": False,
-                                 "breakdown": {"matrix_products_s": seconds / 2, "other_s": seconds / 2}}
-    old = {"settings": {"dataset": "folder", "device": "cpu"}, "command": "python bench/speed.py --compare amp",
-           "commit": "abc1234", "machine": {"device": "cpu", "cpus": 2},
-           "kinds": {"fp32": {"supervised": step(0.4, "off")}, "bf16": {"supervised": step(0.25, "bf16")}},
-           "speedup_bf16_vs_fp32": {"supervised": 1.6}}
-    (tmp_path / "speed_cpu_amp.json").write_text(json.dumps(old))
-    migrate.main([str(tmp_path / "speed_cpu_amp.json")])
-    records = [json.loads(line) for line in (tmp_path / "speed_cpu_amp.jsonl").read_text().splitlines()]
-    assert not (tmp_path / "speed_cpu_amp.json").exists()
-    assert [(r["variant"], r["settings"]["amp"], r["metrics"]["seconds_per_step"], r["metrics"]["other_s"])
-            for r in records] == [("supervised", "off", 0.4, 0.2), ("supervised", "bf16", 0.25, 0.125)]
-    (tmp_path / "speed_cpu_amp.json").write_text(json.dumps(old | {"speedup_bf16_vs_fp32": {"supervised": 1.7}}))
-    with pytest.raises(SystemExit):  # a stated speed-up the new records would not give back
-        migrate.main([str(tmp_path / "speed_cpu_amp.json")])

@@ -43,6 +43,28 @@ def test_a_stop_of_the_whole_process_group_saves_the_run_with_loader_workers(tmp
     assert "student mIoU" in resumed.stdout
 
 
+def test_ctrl_c_under_two_cpu_processes_saves_the_run_without_a_traceback(tmp_path):
+    # Ctrl-C in a terminal signals the whole foreground group: the main process, the spawned ranks and their loader
+    # workers (which take seconds to start). The stop must reach the ranks, rank 0 saves latest.pt, exit 128 + 2.
+    out, args = run_tiny(tmp_path, "two", "--gpus", "2", "--workers", "1", "--max-iters", "30")
+    child = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:
+        if "writing to" in line:
+            break
+    time.sleep(3)  # the first epoch: loader workers starting or running in both ranks
+    os.killpg(child.pid, signal.SIGINT)
+    try:
+        output = child.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        pytest.fail("the run did not end within 180 s of the Ctrl-C (a rank or loader worker hung)")
+    assert child.returncode == 128 + signal.SIGINT, output
+    assert "stopped by signal 2" in output and "Traceback" not in output, output
+    saved = torch.load(out / "latest.pt", weights_only=True)  # what --resume reads (resume itself: tests above)
+    assert saved["config"]["seed"] == 0 and (saved["epoch"], saved["step"]) < (2, 0)
+
+
 def test_a_stop_during_an_evaluation_keeps_the_trained_epoch_and_resume_evaluates_it(tmp_path, monkeypatch):
     straight, args = run_tiny(tmp_path, "straight")
     train.main(args)

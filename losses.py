@@ -22,12 +22,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255
 
 
-def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=None):
+def sup_loss(logits, target, ohem_threshold=None, ohem_min_kept=100_000):
     """Supervised cross-entropy, L_l = CE(logits, y), pixels labelled 255 ignored.
 
-    logits (B, K, H, W), target (B, H, W) long. With `ohem_threshold` (train.py's table: ohem_threshold,
-    ohem_min_kept) only the hard pixels are kept: those whose true-class probability is below the threshold, and at
-    least `ohem_min_kept` of the hardest ones, as in the OHEM loss of the Cityscapes recipes of CPS and UniMatch.
+    logits (B, K, H, W), target (B, H, W) long. With `ohem_threshold` only the hard pixels are kept: those whose
+    true-class probability is below the threshold, and at least `ohem_min_kept` of the hardest ones, as in the OHEM
+    loss of the Cityscapes recipes of CPS and UniMatch (train.py passes its table's two values; the default here is
+    the recipes', so the function also works copied alone).
     """
     logits = logits.float()
     if ohem_threshold is None:
